@@ -1,0 +1,350 @@
+"""Command line: flags → validated config → the UGATIT trainer or an inference phase.
+
+Every flag of the official PyTorch code keeps its name, default and meaning, so a PT command line
+works unchanged; the extension flags keep the reference forks' names (SPEC A2).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import utils
+from utils import str2bool
+
+PHASES = ('train', 'test', 'val', 'img_dir', 'generate', 'video', 'video_dir', 'camera')
+
+
+def _light(value: str) -> int | bool:
+    """PT's boolean ``--light`` or EN's integer pool size (-1/0 = full model)."""
+    try:
+        return str2bool(value)
+    except ValueError:
+        pass
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'expected True/False or an integer pool size, got {value!r}') from None
+
+
+def _bool(value: str) -> bool:
+    try:
+        return str2bool(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _groups(value: str) -> list[int]:
+    try:
+        groups = sorted({int(v) for v in value.split(',') if v.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'expected comma-separated integers such as 0,1,2,3, got {value!r}') from None
+    if not groups or min(groups) < 0:
+        raise argparse.ArgumentTypeError(f'groups must be non-negative integers, got {value!r}')
+    return groups
+
+
+def _flag(group, name: str, default: bool, help: str) -> None:
+    """A boolean that accepts ``--name``, ``--name True`` and ``--name False`` (PT style)."""
+    group.add_argument(name, type=_bool, nargs='?', const=True, default=default, metavar='BOOL', help=help)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Bad flags give one line (what is wrong, where to look) and exit code 2, no usage dump."""
+
+    def error(self, message: str) -> None:
+        self.exit(2, f'error: {message} (see python main.py --help)\n')
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        description='U-GAT-IT: unpaired image-to-image translation (PyTorch).',
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    run = parser.add_argument_group('run')
+    run.add_argument('--phase', default='train', choices=PHASES, help='what to do')
+    run.add_argument('--dataset', default='selfie2anime',
+                     help='dataset/NAME/{trainA,trainB,testA,testB}, or a path to such a folder')
+    run.add_argument('--result_dir', default='results', help='outputs go to RESULT_DIR/<dataset>/')
+    run.add_argument('--device', default='cuda', help="'cuda', 'cuda:N' or 'cpu' (falls back to cpu "
+                     'with a note when CUDA is unavailable)')
+    run.add_argument('--seed', type=int, default=0, help='seeds weights, data order and augmentation')
+    _flag(run, '--resume', False, 'continue from the newest checkpoint (step + 1, optimizer, RNG, EMA, ADA)')
+    run.add_argument('--checkpoint', default=None, help='checkpoint file for test/img_dir/video phases '
+                     '(default: the newest one)')
+    _flag(run, '--no_ema', False, 'translate with the raw generators even when EMA weights exist')
+    run.add_argument('--img_dir', default=None, help='folder to translate with --phase img_dir/generate')
+    run.add_argument('--direction', default='A2B', choices=('A2B', 'B2A'), help='direction for img_dir/video')
+    run.add_argument('--out_dir', default=None, help='output folder for img_dir/generate/video phases')
+    run.add_argument('--video_path', default=None, help='video file (--phase video) or folder (video_dir)')
+    run.add_argument('--camera_id', type=int, default=0, help='webcam index for --phase camera')
+    run.add_argument('--crop', default='none', choices=('none', 'center'),
+                     help='video frames: translate whole (resized) or a centre square crop')
+    _flag(run, '--align_faces', False, 'video/camera/img_dir: detect and align faces, translate the crops '
+          'and paste them back (needs facenet-pytorch MTCNN)')
+
+    model = parser.add_argument_group('model')
+    model.add_argument('--light', type=_light, default=False,
+                       help='True: light model (pooled MLP input); an integer k>1: k×k pooling (EN); '
+                       'False/0/-1: full model')
+    model.add_argument('--ch', type=int, default=64, help='base channel number')
+    model.add_argument('--n_res', type=int, default=4, help='residual blocks in encoder and decoder')
+    model.add_argument('--n_dis', type=int, default=6, help="TF-style discriminator depth: global = n_dis+1 "
+                       'and local = n_dis-1 layers in PT counting (6 gives PT\'s 7 and 5)')
+    model.add_argument('--n_global_dis', type=int, default=None, help='global discriminator layers (EN)')
+    model.add_argument('--n_local_dis', type=int, default=None, help='local discriminator layers (EN)')
+    model.add_argument('--img_size', type=int, default=256, help='training and test image size')
+    model.add_argument('--img_ch', type=int, default=3, help='image channels (only 3, RGB, is supported)')
+    _flag(model, '--sn', True, 'spectral norm in the discriminators')
+    _flag(model, '--use_se', False, 'scSE blocks in the generator residual blocks (EN)')
+    model.add_argument('--attention_gan', type=int, default=0, help='k>0: AttentionGAN-style k-mask output fusion (EN)')
+    _flag(model, '--attention_input', False, 'use the input image as one of the k candidates (EN)')
+    _flag(model, '--use_deconv', False, 'transposed convolutions instead of upsample+conv in the decoder')
+    _flag(model, '--cam_D_attention', True, 'weight D features by its CAM weights (off: EN --cam_D_attention)')
+
+    loss = parser.add_argument_group('loss weights')
+    loss.add_argument('--adv_weight', type=float, default=1.0, help='adversarial (LSGAN) weight')
+    loss.add_argument('--cycle_weight', type=float, default=10.0, help='cycle-consistency L1 weight')
+    loss.add_argument('--identity_weight', type=float, default=10.0, help='identity L1 weight')
+    loss.add_argument('--cam_weight', type=float, default=1000.0, help='generator CAM (BCE) weight')
+    loss.add_argument('--forward_adv_weight', type=float, default=1.0,
+                      help='extra factor on the A→B adversarial terms (G_AB and the B discriminators)')
+    loss.add_argument('--backward_adv_weight', type=float, default=1.0,
+                      help='extra factor on the B→A adversarial terms (G_BA and the A discriminators)')
+    loss.add_argument('--cam_D_weight', type=float, default=1.0, help='D CAM-logit loss weight; <=0 drops it')
+    _flag(loss, '--has_blur', False, 'edge-blurred real images as extra fakes for D (EN; generated once)')
+    loss.add_argument('--tv_weight', type=float, default=0.0, help='total-variation weight on translations')
+
+    optim = parser.add_argument_group('optimisation')
+    optim.add_argument('--iteration', type=int, default=1000000, help='training iterations')
+    optim.add_argument('--batch_size', type=int, default=1, help='images per domain per step (per GPU)')
+    optim.add_argument('--lr', type=float, default=0.0001, help='Adam learning rate')
+    optim.add_argument('--weight_decay', type=float, default=0.0001, help='Adam (coupled L2) weight decay')
+    _flag(optim, '--decay_flag', True, 'linear LR decay to 0 over the second half')
+    _flag(optim, '--ema', True, 'keep EMA copies of both generators')
+    optim.add_argument('--ema_start', type=float, default=0.5, help='EMA starts averaging after this '
+                       'fraction of --iteration (a plain copy before)')
+    optim.add_argument('--ema_beta', type=float, default=0.9999, help='EMA decay')
+
+    data = parser.add_argument_group('data')
+    data.add_argument('--num_workers', type=int, default=min(4, os.cpu_count() or 1),
+                      help='data-loading processes (0: in the main process)')
+    data.add_argument('--aug_prob', type=float, default=0.0, help='probability of RandomResizedCrop (EN)')
+    _flag(data, '--match_histograms', False, 'match colour histograms between A and B samples (EN)')
+    data.add_argument('--match_mode', default='hsl', choices=('hsv', 'hsl', 'rgb'), help='histogram space')
+    data.add_argument('--match_prob', type=float, default=0.5, help='probability of matching B to A (else A to B)')
+    data.add_argument('--match_ratio', type=float, default=1.0, help='CDF mix towards the reference')
+
+    logs = parser.add_argument_group('logging and checkpoints')
+    logs.add_argument('--print_freq', type=int, default=1000, help='preview grids every N steps')
+    logs.add_argument('--log_freq', type=int, default=100, help='TensorBoard scalars and progress every N steps')
+    logs.add_argument('--save_freq', type=int, default=100000, help='periodic checkpoint every N steps')
+    logs.add_argument('--latest_freq', type=int, default=1000,
+                      help="PT's <dataset>_params_latest.pt every N steps (0: never)")
+
+    ev = parser.add_argument_group('evaluation')
+    ev.add_argument('--metric_freq', '--calc_fid_freq', type=int, default=0, dest='metric_freq',
+                    help='FID/KID of test translations every N steps (0: off)')
+    ev.add_argument('--fid_batch', type=int, default=50, help='batch size for metric feature extraction')
+    ev.add_argument('--inception_weights', default=None,
+                    help='pt_inception-2015-12-05-6726825d.pth (default: download when online)')
+
+    face = parser.add_argument_group('face-aware losses')
+    face.add_argument('--face_distance_weight', type=float, default=0.0, help='FaceNet identity loss weight (FN)')
+    face.add_argument('--facenet_weights', default=None, help='InceptionResnetV1 state-dict file')
+    face.add_argument('--facenet_pretrained', default=None, choices=('vggface2', 'casia-webface'),
+                      help='download these FaceNet weights when online')
+    face.add_argument('--facenet_checkpoint_dir', default=None, help='folder holding one FaceNet state-dict file (FN)')
+    face.add_argument('--faceseg_weights', default='faceseg/79999_iter.pth', help='BiSeNet face-parsing weights')
+    face.add_argument('--seg_fix_weight', type=float, default=-1.0, help='background L1 weight (>0: on)')
+    _flag(face, '--seg_D_mask', False, 'discriminators ignore background patches')
+    _flag(face, '--seg_G_detach', False, 'no adversarial gradient through the background')
+    _flag(face, '--seg_D_cam_inp_mask', False, 'D CAM logits from the masked image')
+    _flag(face, '--seg_D_cam_fea_mask', False, 'D CAM logits from masked features')
+    _flag(face, '--hard_seg_edge', False, 'binary masks (m >= 0.5) instead of soft edges')
+    _flag(face, '--seg_fix_glass_mouth', False, 'treat glasses and mouth interior as background to keep')
+
+    few = parser.add_argument_group('few-shot and ADA')
+    few.add_argument('--group', type=_groups, default=None, dest='groups',
+                     help='use trainA/<g>, trainB/<g> sub-folders as group labels, e.g. 0,1,2,3')
+    few.add_argument('--group_sampling', default='round_robin', choices=('round_robin', 'balanced'),
+                     help='round_robin: each step one group (F2W); balanced: groups drawn uniformly per image')
+    _flag(few, '--use_grouploss', False, 'group-classification head and loss (F2W)')
+    few.add_argument('--group_weight', type=float, default=1.0, help='generator group-loss weight')
+    _flag(few, '--selective_backprop', False, 'update the generator bottleneck only on base-group steps')
+    few.add_argument('--base_group', type=int, default=0, help='group whose steps update the bottleneck')
+    _flag(few, '--ada', False, 'adaptive discriminator augmentation')
+    few.add_argument('--ada_target', type=float, default=0.6, help='target r_t = E[sign(D(real) - 0.5)]')
+    few.add_argument('--ada_interval', type=int, default=4, help='D steps between p updates')
+    few.add_argument('--ada_kimg', type=float, default=500, help='thousands of images for p to move by 1')
+    few.add_argument('--ada_p', type=float, default=0.0, help='initial augmentation probability')
+    few.add_argument('--ada_pipeline', default='bgc', choices=('b', 'g', 'c', 'bg', 'bgc'),
+                     help='b: blit, g: geometric, c: colour transforms')
+
+    perf = parser.add_argument_group('performance and distributed')
+    perf.add_argument('--amp', default='off', choices=('off', 'bf16', 'fp16'), help='mixed precision')
+    _flag(perf, '--channels_last', False, 'channels-last memory layout')
+    _flag(perf, '--compile', False, 'torch.compile the networks')
+    _flag(perf, '--benchmark_flag', False, 'cudnn.benchmark')
+    _flag(perf, '--stack_batches', True, 'run each network once per stage on stacked inputs (exact)')
+    perf.epilog = 'multi-GPU: torchrun --nproc_per_node N main.py ...'
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse and validate; raises utils.UserError with a one-line message on bad input."""
+    cfg = build_parser().parse_args(argv)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: argparse.Namespace) -> None:
+    """All cross-flag rules in one place; fills derived fields."""
+    from networks import min_image_size
+    fail = _fail
+    cfg.dataset_name = Path(cfg.dataset).name if os.sep in cfg.dataset or Path(cfg.dataset).is_dir() \
+        else cfg.dataset
+    if cfg.img_ch != 3:
+        fail('--img_ch: only 3 (RGB) is supported; images of every mode are converted to RGB')
+    for name in ('iteration', 'batch_size', 'img_size', 'ch', 'n_res', 'print_freq', 'log_freq', 'save_freq'):
+        if getattr(cfg, name) < 1:
+            fail(f'--{name} must be >= 1, got {getattr(cfg, name)}')
+    if cfg.n_dis != 6 and (cfg.n_global_dis or cfg.n_local_dis):
+        fail('give either --n_dis (TF style) or --n_global_dis/--n_local_dis, not both')
+    cfg.n_global_dis = cfg.n_global_dis or cfg.n_dis + 1
+    cfg.n_local_dis = cfg.n_local_dis or cfg.n_dis - 1
+    for flag, layers in (('--n_global_dis', cfg.n_global_dis), ('--n_local_dis', cfg.n_local_dis)):
+        if layers < 3:
+            fail(f'{flag} must be >= 3, got {layers}')
+        if cfg.img_size < min_image_size(layers):
+            fail(f'--img_size {cfg.img_size} is too small for a {layers}-layer discriminator ({flag}); it needs '
+                 f'--img_size >= {min_image_size(layers)}, or pass a smaller {flag} '
+                 f'(e.g. --n_global_dis 5 --n_local_dis 4 at 64 px)')
+    if cfg.img_size % 4:
+        fail(f'--img_size must be a multiple of 4 (two stride-2 stages), got {cfg.img_size}')
+    if cfg.attention_input and cfg.attention_gan < 2:
+        fail('--attention_input needs --attention_gan >= 2 (the input is one of the k candidates)')
+    if not 0 <= cfg.ema_beta < 1 or not 0 <= cfg.ema_start <= 1:
+        fail('--ema_beta must be in [0, 1) and --ema_start in [0, 1]')
+    _validate_face(cfg, fail)
+    _validate_few_shot(cfg, fail)
+    _validate_dataset(cfg)
+    _validate_phase(cfg, fail)
+    cfg.device = _resolve_device(cfg.device, cfg.amp, fail)
+
+
+def _fail(message: str) -> None:
+    raise utils.UserError(message)
+
+
+def _validate_face(cfg, fail) -> None:
+    seg_flags = cfg.seg_fix_weight > 0 or cfg.seg_D_mask or cfg.seg_G_detach or cfg.seg_D_cam_inp_mask \
+        or cfg.seg_D_cam_fea_mask or (cfg.tv_weight > 0 and Path(cfg.faceseg_weights).exists())
+    cfg.use_faceseg = bool(seg_flags) and cfg.phase == 'train'
+    if cfg.use_faceseg and not Path(cfg.faceseg_weights).is_file():
+        fail(f'--faceseg_weights: {cfg.faceseg_weights} not found; the segmentation flags need the BiSeNet '
+             'face-parsing weights 79999_iter.pth (see README, "Face-aware training")')
+    if cfg.face_distance_weight > 0 and not (cfg.facenet_weights or cfg.facenet_pretrained
+                                             or cfg.facenet_checkpoint_dir):
+        fail('--face_distance_weight needs FaceNet weights: --facenet_weights FILE, --facenet_checkpoint_dir DIR '
+             'or --facenet_pretrained vggface2 (downloads when online)')
+    if cfg.facenet_weights and not Path(cfg.facenet_weights).is_file():
+        fail(f'--facenet_weights: {cfg.facenet_weights} not found')
+
+
+def _validate_few_shot(cfg, fail) -> None:
+    if (cfg.use_grouploss or cfg.selective_backprop) and not cfg.groups:
+        fail('--use_grouploss and --selective_backprop need --group (e.g. --group 0,1,2,3)')
+    if cfg.selective_backprop and cfg.group_sampling != 'round_robin':
+        fail('--selective_backprop needs --group_sampling round_robin (one group per step)')
+    if cfg.selective_backprop and cfg.base_group not in cfg.groups:
+        fail(f'--base_group {cfg.base_group} is not one of --group {cfg.groups}')
+    if cfg.ada and (cfg.seg_D_mask or cfg.seg_D_cam_inp_mask or cfg.seg_D_cam_fea_mask):
+        fail('--ada cannot be combined with the --seg_D_* masks (the masks would not follow the augmentation)')
+    if not 0 <= cfg.ada_p <= 1:
+        fail('--ada_p must be in [0, 1]')
+
+
+def _validate_dataset(cfg) -> None:
+    """The folders this phase reads must exist and hold readable images (DatasetError otherwise)."""
+    import dataset
+    splits = {'train': ('trainA', 'trainB', 'testA', 'testB'), 'test': ('testA', 'testB'),
+              'val': ('trainA', 'trainB', 'testA', 'testB')}.get(cfg.phase, ())
+    if not splits:
+        return
+    root = dataset.resolve_dataset_root(cfg.dataset)
+    for split in splits:
+        dataset.domain_images(root, split, cfg.groups if split.startswith('train') else None)
+
+
+def _validate_phase(cfg, fail) -> None:
+    if cfg.phase in ('img_dir', 'generate') and not cfg.img_dir:
+        fail(f'--phase {cfg.phase} needs --img_dir DIR (the folder of images to translate)')
+    if cfg.img_dir and cfg.phase in ('img_dir', 'generate') and not Path(cfg.img_dir).is_dir():
+        fail(f'--img_dir: {cfg.img_dir} is not a folder')
+    if cfg.phase in ('video', 'video_dir') and not cfg.video_path:
+        fail(f'--phase {cfg.phase} needs --video_path')
+    if cfg.video_path and cfg.phase == 'video' and not Path(cfg.video_path).is_file():
+        fail(f'--video_path: {cfg.video_path} is not a file')
+    if cfg.video_path and cfg.phase == 'video_dir' and not Path(cfg.video_path).is_dir():
+        fail(f'--video_path: {cfg.video_path} is not a folder')
+    if cfg.checkpoint and not Path(cfg.checkpoint).is_file():
+        fail(f'--checkpoint: {cfg.checkpoint} not found')
+
+
+def _resolve_device(device: str, amp: str, fail) -> str:
+    import torch
+    if device.startswith('cuda') and not torch.cuda.is_available():
+        print('note: CUDA is not available; running on the CPU', file=sys.stderr)
+        device = 'cpu'
+    if amp == 'fp16' and not device.startswith('cuda'):
+        fail('--amp fp16 needs a CUDA device; on the CPU use --amp bf16 or --amp off')
+    return device
+
+
+def run(cfg: argparse.Namespace) -> None:
+    """Dispatch to the phase."""
+    from ugatit import UGATIT
+    trainer = UGATIT(cfg)
+    if cfg.phase == 'train':
+        trainer.train()
+    else:
+        import phases
+        phases.run(trainer, cfg)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from dataset import DatasetError
+    try:
+        cfg = parse_args(argv)
+        run(cfg)
+    except (utils.UserError, DatasetError) as exc:
+        print(f'error: {exc}', file=sys.stderr)
+        return 2
+    except _weights_errors() as exc:
+        print(f'error: {exc}', file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print('interrupted', file=sys.stderr)
+        return 130
+    return 0
+
+
+def _weights_errors() -> tuple[type[Exception], ...]:
+    """User-facing errors of the optional packages (missing weights files and the like)."""
+    errors: list[type[Exception]] = []
+    try:
+        from faceseg.errors import FaceWeightsError
+        errors.append(FaceWeightsError)
+    except ImportError:
+        pass
+    try:
+        from metrics import MetricsError
+        errors.append(MetricsError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,196 @@
+"""Small shared pieces: EMA, seeding and RNG state, atomic checkpoint I/O, image grids and heatmaps."""
+from __future__ import annotations
+
+import copy
+import os
+import random
+import tempfile
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from torch import nn
+
+
+class UserError(Exception):
+    """A problem with the user's input; the CLI prints it on one line and exits with code 2."""
+
+
+def str2bool(value: str | bool) -> bool:
+    """PT's boolean flags, without its substring bug: only the usual spellings are accepted."""
+    if isinstance(value, bool):
+        return value
+    lowered = value.strip().lower()
+    if lowered in ('true', '1', 'yes', 'y', 'on'):
+        return True
+    if lowered in ('false', '0', 'no', 'n', 'off'):
+        return False
+    raise ValueError(f'expected a boolean (True/False/1/0/yes/no), got {value!r}')
+
+
+# ----------------------------------------------------------------------------------------------
+# Seeding and RNG state
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    """Global RNG states as tensors and plain Python values (``weights_only``-loadable)."""
+    np_state = np.random.get_state()
+    state = {
+        'torch': torch.get_rng_state(),
+        'python': list(random.getstate()[1]) + [random.getstate()[2] or 0],
+        'numpy_keys': torch.from_numpy(np_state[1].astype(np.int64)),
+        'numpy_pos': int(np_state[2]),
+    }
+    if torch.cuda.is_available():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what :func:`rng_state` captured (CUDA states only where devices match)."""
+    torch.set_rng_state(state['torch'])
+    py = state['python']
+    random.setstate((3, tuple(py[:-1]), py[-1] or None))
+    np.random.set_state(('MT19937', state['numpy_keys'].numpy().astype(np.uint32), state['numpy_pos'], 0, 0.0))
+    if 'cuda' in state and torch.cuda.is_available() and len(state['cuda']) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state['cuda'])
+
+
+# ----------------------------------------------------------------------------------------------
+# EMA
+
+
+class EMA:
+    """Exponential moving average of a network's weights (EN's ``--ema_beta``/``--ema_start``).
+
+    Until ``start_step`` the average is a copy of the weights; afterwards
+    θ_ema ← β·θ_ema + (1−β)·θ. Buffers are always copied. Runs without autograd (EN ran it with
+    autograd on, growing a graph every step).
+    """
+
+    def __init__(self, model: nn.Module, beta: float, start_step: int) -> None:
+        self.beta = beta
+        self.start_step = start_step
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int) -> None:
+        beta = self.beta if step > self.start_step else 0.0
+        ema_params = list(self.model.parameters())
+        params = [p.detach() for p in model.parameters()]
+        if beta == 0.0:
+            torch._foreach_copy_(ema_params, params)
+        else:
+            torch._foreach_lerp_(ema_params, params, 1.0 - beta)
+        for ema_buf, buf in zip(self.model.buffers(), model.buffers()):
+            ema_buf.copy_(buf)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def atomic_save(obj: object, path: str | os.PathLike) -> None:
+    """torch.save to a temporary file in the same folder, fsync, then rename over ``path``.
+
+    A crash at any moment leaves either the old file or the complete new one, never a torn file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 'cpu') -> dict:
+    """Load a checkpoint safely (``weights_only=True``: tensors and plain containers only)."""
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Images
+
+
+def tensor_to_uint8(image: torch.Tensor) -> np.ndarray:
+    """C×H×W tensor in [-1, 1] → H×W×3 RGB uint8."""
+    array = (image.detach().float().cpu().clamp(-1, 1) + 1) * 127.5
+    return array.round().byte().permute(1, 2, 0).numpy()
+
+
+def heatmap_to_uint8(heatmap: torch.Tensor, size: int) -> np.ndarray:
+    """CAM heatmap (1×h×w) → JET-coloured H×W×3 RGB uint8, normalised by its range.
+
+    PT divides by the maximum only, which yields NaN for an all-zero map.
+    """
+    h = heatmap.detach().float().cpu()[0]
+    h = h - h.min()
+    peak = h.max()
+    h = h / peak if peak > 0 else h
+    gray = (h.numpy() * 255).astype(np.uint8)
+    gray = cv2.resize(gray, (size, size))
+    return cv2.cvtColor(cv2.applyColorMap(gray, cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
+
+
+def grid(columns: list[list[np.ndarray]]) -> np.ndarray:
+    """Stack each column's tiles vertically, then the columns side by side (PT's preview layout)."""
+    return np.concatenate([np.concatenate(col, axis=0) for col in columns], axis=1)
+
+
+def save_rgb(path: str | os.PathLike, image: np.ndarray) -> None:
+    """Write an H×W×3 RGB uint8 array as an image file (PNG/JPEG by extension), creating folders."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(path), cv2.cvtColor(image, cv2.COLOR_RGB2BGR)):
+        raise OSError(f'could not write {path}')
+
+
+def config_to_dict(cfg) -> dict:
+    """The resolved flags as plain values (paths as strings), for checkpoints and config.json."""
+    items = vars(cfg).items() if not isinstance(cfg, dict) else cfg.items()
+    plain = {}
+    for key, value in items:
+        if isinstance(value, Path):
+            value = str(value)
+        if isinstance(value, (list, tuple)):
+            value = list(value)
+        if value is None or isinstance(value, (bool, int, float, str, list)):
+            plain[key] = value
+    return plain
+
+
+class LossMeter:
+    """Running sums of loss tensors kept on the device; one host sync per flush."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count = 0
+
+    def add(self, logs: dict[str, torch.Tensor]) -> None:
+        for key, value in logs.items():
+            value = value.detach().float()
+            self.sums[key] = self.sums[key] + value if key in self.sums else value.clone()
+        self.count += 1
+
+    def flush(self) -> dict[str, float]:
+        """Interval means as floats (a single device→host copy), then reset."""
+        if not self.count:
+            return {}
+        keys = list(self.sums)
+        values = (torch.stack([self.sums[k] for k in keys]) / self.count).cpu().tolist()
+        self.sums, self.count = {}, 0
+        return dict(zip(keys, values))
