@@ -1,0 +1,552 @@
+"""Data: image discovery, RGB decoding, transforms, histogram matching, blur images and the training
+batch stream (SPEC A8, §1.5, §1.10, §1.11).
+
+Reproducibility: every random choice of the training stream (which images, flips, crops, the
+RandomResizedCrop, the histogram-matching coin) comes from a generator seeded by a hash of
+(seed, step, rank, sample); nothing reads a global RNG. A run resumed at step t therefore sees exactly
+the batches an unbroken run sees at step t, with any number of DataLoader workers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+import os
+import struct
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision import transforms
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
+
+IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
+SPLITS = ('trainA', 'trainB', 'testA', 'testB')
+MATCH_MODES = ('hsv', 'hsl', 'rgb')
+GROUP_SAMPLING = ('round_robin', 'balanced')
+LAYOUT = 'dataset/<name>/{trainA,trainB,testA,testB}/ holding image files'
+# Pillow's ways of failing on a corrupt or foreign file.
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError)
+
+
+class DatasetError(Exception):
+    """A user-fixable data problem; the message says what is wrong and how to fix it."""
+
+
+class UnreadableImage(DatasetError):
+    """A file with an image extension that cannot be decoded."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Finding and reading images
+
+
+def find_images(folder: Path) -> list[Path]:
+    """All image files under `folder` (recursive, case-insensitive extensions), sorted."""
+    files = (p for p in Path(folder).rglob('*') if p.suffix.lower() in IMG_EXTENSIONS and p.is_file())
+    return sorted(files, key=lambda p: p.as_posix())
+
+
+def load_rgb(path: str | Path) -> Image.Image:
+    """Decode any image file to an 8-bit RGB PIL image.
+
+    Transparent images (RGBA, LA, PA, P with transparency) are composited on white, since what
+    lies under fully transparent pixels is arbitrary. 16-bit and 32-bit images are scaled, not
+    clipped, to 8 bits. Raises UnreadableImage for corrupt or non-image files.
+    """
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return _to_rgb(img)
+    except _DECODE_ERRORS as exc:
+        raise UnreadableImage(f'cannot read image {path} ({exc}); delete or replace the file') from exc
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode.startswith('I') or img.mode == 'F':
+        return Image.fromarray(_scale_to_uint8(np.asarray(img), img.mode)).convert('RGB')
+    if img.mode == 'PA' or (img.mode == 'P' and 'transparency' in img.info):
+        img = img.convert('RGBA')
+    if img.mode in ('RGBA', 'RGBa', 'LA', 'La'):
+        rgba = img.convert('RGBA')
+        white = Image.new('RGBA', rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert('RGB')
+    return img.convert('RGB')  # also copies RGB, so the result outlives the opened file
+
+
+def _scale_to_uint8(arr: np.ndarray, mode: str) -> np.ndarray:
+    """Map high-bit-depth pixel values to 0..255 (Pillow's own convert() would clip at 255)."""
+    values = np.nan_to_num(arr.astype(np.float64))
+    top = float(values.max()) if values.size else 0.0
+    if mode == 'F' and values.min() >= 0.0 and top <= 1.0:
+        scale = 255.0  # float image in [0, 1]
+    elif mode.startswith('I;16') or 255.0 < top <= 65535.0:
+        scale = 255.0 / 65535.0  # 16-bit: 65535 -> 255 and 257*v -> v exactly
+    elif top > 65535.0:
+        scale = 255.0 / top
+    else:
+        scale = 1.0  # already 8-bit values stored in a wide type
+    return np.clip(np.rint(values * scale), 0, 255).astype(np.uint8)
+
+
+_READABLE: dict[tuple[str, int, int], bool] = {}
+
+
+def _is_readable(path: Path) -> bool:
+    """Decode the file once (JPEGs at 1/8 scale, which is cheap); cached per (path, mtime, size)."""
+    stat = path.stat()
+    key = (str(path), stat.st_mtime_ns, stat.st_size)
+    if key not in _READABLE:
+        try:
+            with Image.open(path) as img:
+                img.draft('RGB', (32, 32))
+                img.load()
+            _READABLE[key] = True
+        except _DECODE_ERRORS:
+            _READABLE[key] = False
+    return _READABLE[key]
+
+
+def _warn_skipped(skipped: Sequence[Path]) -> None:
+    if not skipped:
+        return
+    names = ', '.join(str(p) for p in skipped[:20])
+    more = f' and {len(skipped) - 20} more' if len(skipped) > 20 else ''
+    warnings.warn(f'skipping {len(skipped)} unreadable image file(s): {names}{more}', stacklevel=3)
+
+
+def _readable_images(folder: Path) -> list[Path]:
+    """Readable images under `folder`; warns once naming the unreadable ones; DatasetError if none."""
+    if not folder.is_dir():
+        raise DatasetError(f'folder {folder} does not exist; expected {LAYOUT}')
+    found = find_images(folder)
+    good = [p for p in found if _is_readable(p)]
+    _warn_skipped([p for p in found if not _is_readable(p)])  # cached: no second decode
+    if not good:
+        detail = f'{len(found)} unreadable file(s)' if found else 'no file with extension ' + ' '.join(
+            IMG_EXTENSIONS)
+        raise DatasetError(f'no readable image in {folder} ({detail}); put images there')
+    return good
+
+
+def resolve_dataset_root(dataset: str) -> Path:
+    """`dataset/<name>` relative to the working directory, else `dataset` itself if it is a folder."""
+    named = Path('dataset') / dataset
+    if named.is_dir():
+        return named
+    if Path(dataset).is_dir():
+        return Path(dataset)
+    raise DatasetError(f'dataset {dataset!r} not found: looked for {named.resolve()} and '
+                       f'{Path(dataset).resolve()}; expected {LAYOUT}')
+
+
+def domain_images(root: Path, split: str, groups: list[int] | None = None
+                  ) -> tuple[list[Path], list[int] | None]:
+    """Readable images of `root/split` and, with `groups`, their group labels.
+
+    With groups, only `split/<g>/...` for each selected g is read and labelled g; other
+    sub-folders are ignored. A missing or empty selected group raises DatasetError.
+    """
+    if split not in SPLITS:
+        raise ValueError(f'split must be one of {SPLITS}, got {split!r}')
+    folder = Path(root) / split
+    if not folder.is_dir():
+        raise DatasetError(f'folder {folder} does not exist; expected {LAYOUT}')
+    if groups is None:
+        return _readable_images(folder), None
+    paths: list[Path] = []
+    labels: list[int] = []
+    for group in groups:
+        sub = folder / str(group)
+        if not sub.is_dir():
+            raise DatasetError(f'group {group} has no folder {sub}; put its images there or leave '
+                               f'group {group} out of --group')
+        found = _readable_images(sub)
+        paths += found
+        labels += [group] * len(found)
+    return paths, labels
+
+
+# ---------------------------------------------------------------------------------------------------
+# Transforms
+
+
+def _randint(gen: torch.Generator | None, high: int) -> int:
+    return int(torch.randint(high, (1,), generator=gen))
+
+
+def _coin(gen: torch.Generator | None, prob: float) -> bool:
+    return bool(torch.rand(1, generator=gen) < prob)
+
+
+class TrainTransform:
+    """PT's training augmentation, plus EN's RandomResizedCrop, with explicit randomness.
+
+    Order: horizontal flip (p 0.5) -> [RandomResizedCrop(s, scale=(0.748, 1), ratio 1, bicubic)
+    with probability aug_prob] -> Resize((s+30, s+30)) bilinear -> random crop s -> tensor in
+    [-1, 1]. The RandomResizedCrop sits where EN puts it (right after the flip) and PT's
+    resize-and-crop follows, so aug_prob=0 is exactly PT's pipeline.
+    """
+
+    def __init__(self, img_size: int, aug_prob: float = 0.0, rrc_scale: tuple[float, float] = (0.748, 1.0)):
+        if not 0.0 <= aug_prob <= 1.0:
+            raise ValueError(f'aug_prob must be in [0, 1], got {aug_prob}')
+        self.img_size, self.aug_prob, self.rrc_scale = img_size, aug_prob, rrc_scale
+
+    def __call__(self, img: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Augment `img`; all randomness comes from `generator` (global RNG when None)."""
+        size = self.img_size
+        if _coin(generator, 0.5):
+            img = TF.hflip(img)
+        if self.aug_prob > 0 and _coin(generator, self.aug_prob):
+            top, left, side = self._rrc_box(img.width, img.height, generator)
+            img = TF.resized_crop(img, top, left, side, side, [size, size], InterpolationMode.BICUBIC)
+        img = TF.resize(img, [size + 30, size + 30], InterpolationMode.BILINEAR)
+        top, left = _randint(generator, 31), _randint(generator, 31)
+        return _to_tensor(TF.crop(img, top, left, size, size))
+
+    def _rrc_box(self, width: int, height: int, gen: torch.Generator | None) -> tuple[int, int, int]:
+        """torchvision's RandomResizedCrop.get_params for ratio 1: (top, left, side)."""
+        low, high = self.rrc_scale
+        for _ in range(10):
+            area = width * height * float(torch.empty(1).uniform_(low, high, generator=gen))
+            side = int(round(math.sqrt(area)))
+            if 0 < side <= min(width, height):
+                return _randint(gen, height - side + 1), _randint(gen, width - side + 1), side
+        side = min(width, height)  # torchvision's fallback: the central square
+        return (height - side) // 2, (width - side) // 2, side
+
+
+def _to_tensor(img: Image.Image) -> torch.Tensor:
+    return TF.normalize(TF.to_tensor(img), [0.5] * 3, [0.5] * 3)
+
+
+def train_transform(img_size: int, aug_prob: float = 0.0) -> TrainTransform:
+    """The training transform; call it as `t(img, generator)`."""
+    return TrainTransform(img_size, aug_prob)
+
+
+def test_transform(img_size: int) -> Callable[[Image.Image], torch.Tensor]:
+    """Resize((s, s)) bilinear -> tensor in [-1, 1] (PT's test transform)."""
+    return transforms.Compose([transforms.Resize((img_size, img_size), InterpolationMode.BILINEAR),
+                               transforms.ToTensor(), transforms.Normalize([0.5] * 3, [0.5] * 3)])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Histogram matching (EN) and blur images (EN)
+
+_COLOR_SPACES = {'hsv': (cv2.COLOR_RGB2HSV_FULL, cv2.COLOR_HSV2RGB_FULL),
+                 'hsl': (cv2.COLOR_RGB2HLS_FULL, cv2.COLOR_HLS2RGB_FULL), 'rgb': None}
+
+
+def _cdf(channel: np.ndarray) -> np.ndarray:
+    hist = np.bincount(channel.ravel(), minlength=256).astype(np.float64)
+    return np.cumsum(hist) / hist.sum()
+
+
+def _match_channel(src: np.ndarray, ref: np.ndarray, ratio: float) -> np.ndarray:
+    cdf_src, cdf_ref = _cdf(src), _cdf(ref)
+    target = cdf_ref if ratio == 1.0 else (1.0 - ratio) * cdf_src + ratio * cdf_ref
+    # LUT[v] = smallest u with target[u] >= cdf_src[v]; clamp guards float round-off at 1.0.
+    lut = np.minimum(np.searchsorted(target, cdf_src, side='left'), 255).astype(np.uint8)
+    return lut[src]
+
+
+def match_histograms(src: np.ndarray, ref: np.ndarray, mode: str = 'hsl', ratio: float = 1.0) -> np.ndarray:
+    """Match each channel of `src` (uint8 H×W×3 RGB) to `ref`'s histogram in `mode` space (EN).
+
+    ratio mixes the CDFs: target = (1-ratio)·CDF_src + ratio·CDF_ref, so 0 leaves `src` as is.
+    Hue (hsv/hsl, 0..255 '_FULL' scale) is matched as a linear channel, as EN does.
+    """
+    if mode not in _COLOR_SPACES:
+        raise ValueError(f'match mode must be one of {MATCH_MODES}, got {mode!r}')
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f'match ratio must be in [0, 1], got {ratio}')
+    for name, arr in (('src', src), ('ref', ref)):
+        if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
+            raise ValueError(f'{name} must be a uint8 H×W×3 array, got {arr.dtype} {arr.shape}')
+    codes = _COLOR_SPACES[mode]
+    src_c, ref_c = (np.ascontiguousarray(a) for a in (src, ref))
+    if codes:
+        src_c, ref_c = cv2.cvtColor(src_c, codes[0]), cv2.cvtColor(ref_c, codes[0])
+    out = np.stack([_match_channel(src_c[..., c], ref_c[..., c], ratio) for c in range(3)], axis=-1)
+    return cv2.cvtColor(out, codes[1]) if codes else out
+
+
+def blur_edges(rgb: np.ndarray) -> np.ndarray:
+    """EN's blur image: pixels near Canny edges replaced by a 5×5 Gaussian blur (uint8 RGB in/out)."""
+    edges = cv2.Canny(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY), 100, 200)
+    near_edge = cv2.dilate(edges, np.ones((5, 5), np.uint8)) > 0
+    blurred = cv2.GaussianBlur(rgb, (5, 5), 0, borderType=cv2.BORDER_REFLECT)  # sigma 0 -> 1.1
+    out = rgb.copy()
+    out[near_edge] = blurred[near_edge]
+    return out
+
+
+def _save_atomic(img: Image.Image, path: Path) -> None:
+    """Write through a '.part' file so an interrupted run never leaves a half image that looks done."""
+    buffer = io.BytesIO()
+    img.save(buffer, format=Image.registered_extensions()[path.suffix.lower()])
+    part = path.with_name(path.name + '.part')
+    part.write_bytes(buffer.getvalue())
+    os.replace(part, path)
+
+
+def make_blur_images(src: Path, dst: Path) -> int:
+    """Write the blur image of every image under `src` to the same relative path under `dst`.
+
+    Only missing files are written, so a second call returns 0. Returns the number written.
+    """
+    src, dst = Path(src), Path(dst)
+    if not src.is_dir():
+        raise DatasetError(f'folder {src} does not exist; blur images are made from it')
+    todo = [p for p in find_images(src) if not (dst / p.relative_to(src)).exists()]
+    skipped: list[Path] = []
+    for path in todo:
+        try:
+            rgb = np.asarray(load_rgb(path))
+        except UnreadableImage:
+            skipped.append(path)
+            continue
+        out = dst / path.relative_to(src)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _save_atomic(Image.fromarray(blur_edges(rgb)), out)
+    _warn_skipped(skipped)
+    return len(todo) - len(skipped)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The training stream
+
+
+def derive_seed(*parts: object) -> int:
+    """A stable 63-bit seed from any printable parts (unlike hash(), the same in every process)."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, 'little') >> 1
+
+
+def _generator(*parts: object) -> torch.Generator:
+    return torch.Generator().manual_seed(derive_seed(*parts))
+
+
+class SampleSpec(NamedTuple):
+    """What one training sample is: image indices (-1 = none) and the seed of its randomness."""
+
+    index_A: int
+    index_B: int
+    seed: int
+    blur_A: int = -1
+    blur_B: int = -1
+
+
+class StepBatchSampler(Sampler[list[SampleSpec]]):
+    """Yields, from `start_step` on, the list of SampleSpecs of each step for this rank.
+
+    Sample j of rank r at step t sits at pos = (t·world_size + r)·batch_size + j of the global
+    stream. A domain (or a group of it) of n images is read in shuffled epochs: epoch pos // n is
+    torch.randperm(n) seeded by (seed, domain, [group,] epoch). 'round_robin' groups: step t draws
+    everything from groups[t % G] at the group's own position (its epochs are complete);
+    'balanced': each sample's group is drawn from its seed and indexes the group's epochs at pos.
+    """
+
+    def __init__(self, members: dict[str, dict[int | None, list[int]]], batch_size: int, seed: int,
+                 start_step: int = 0, rank: int = 0, world_size: int = 1,
+                 groups: list[int] | None = None, group_sampling: str = 'round_robin'):
+        if not 0 <= rank < world_size:
+            raise ValueError(f'rank must be in [0, world_size), got rank {rank}, world_size {world_size}')
+        if group_sampling not in GROUP_SAMPLING:
+            raise ValueError(f'group_sampling must be one of {GROUP_SAMPLING}, got {group_sampling!r}')
+        if batch_size < 1 or start_step < 0:
+            raise ValueError(f'need batch_size >= 1 and start_step >= 0, got {batch_size}, {start_step}')
+        self.members, self.batch_size, self.seed = members, batch_size, seed
+        self.start_step, self.rank, self.world_size = start_step, rank, world_size
+        self.groups, self.group_sampling = groups, group_sampling
+        self._perms: dict[tuple, torch.Tensor] = {}
+
+    def __iter__(self) -> Iterator[list[SampleSpec]]:
+        step = self.start_step
+        while True:
+            yield self.batch(step)
+            step += 1
+
+    def batch(self, step: int) -> list[SampleSpec]:
+        """The SampleSpecs of `step` for this rank (a pure function of the constructor's arguments)."""
+        return [self._sample(step, j) for j in range(self.batch_size)]
+
+    def _position(self, step: int, j: int) -> int:
+        return (step * self.world_size + self.rank) * self.batch_size + j
+
+    def _sample(self, step: int, j: int) -> SampleSpec:
+        pos = self._position(step, j)
+        sample_seed = derive_seed(self.seed, 'sample', pos)
+        group, group_pos = None, pos
+        if self.groups is not None and self.group_sampling == 'round_robin':
+            group = self.groups[step % len(self.groups)]
+            group_pos = self._position(step // len(self.groups), j)
+        elif self.groups is not None:
+            group = self.groups[_randint(_generator(sample_seed, 'group'), len(self.groups))]
+        blur = [self._draw(name, None, pos) if name in self.members else -1 for name in ('blurA', 'blurB')]
+        return SampleSpec(self._draw('A', group, group_pos), self._draw('B', group, group_pos),
+                          sample_seed, *blur)
+
+    def _draw(self, domain: str, group: int | None, pos: int) -> int:
+        members = self.members[domain][group]
+        epoch, offset = divmod(pos, len(members))
+        return members[int(self._permutation(domain, group, epoch, len(members))[offset])]
+
+    def _permutation(self, domain: str, group: int | None, epoch: int, n: int) -> torch.Tensor:
+        key = (domain, epoch) if group is None else (domain, group, epoch)
+        if key not in self._perms:
+            if len(self._perms) >= 32:  # only the current epochs are needed
+                self._perms.pop(next(iter(self._perms)))
+            self._perms[key] = torch.randperm(n, generator=_generator(self.seed, *key))
+        return self._perms[key]
+
+
+class _MatchConfig(NamedTuple):
+    mode: str
+    prob: float
+    ratio: float
+
+
+_BATCH_KEYS = {'A': 'A', 'B': 'B', 'blurA': 'blur_A', 'blurB': 'blur_B'}
+
+
+class _PairDataset(Dataset):
+    """Map-style dataset indexed by SampleSpec; returns one sample's dict of tensors."""
+
+    def __init__(self, paths: dict[str, list[Path]], labels: dict[str, list[int] | None],
+                 transform: TrainTransform, match: _MatchConfig | None):
+        self.paths, self.labels, self.transform, self.match = paths, labels, transform, match
+
+    def __getitem__(self, spec: SampleSpec) -> dict[str, torch.Tensor | int]:
+        item: dict[str, torch.Tensor | int] = {}
+        pairs = [('A', 'B', spec.index_A, spec.index_B)]
+        if spec.blur_A >= 0:
+            pairs.append(('blurA', 'blurB', spec.blur_A, spec.blur_B))
+        for name_a, name_b, idx_a, idx_b in pairs:
+            img_a, img_b = self._load_pair(name_a, name_b, idx_a, idx_b, spec.seed)
+            item[_BATCH_KEYS[name_a]] = self.transform(img_a, _generator(spec.seed, name_a))
+            item[_BATCH_KEYS[name_b]] = self.transform(img_b, _generator(spec.seed, name_b))
+        for domain, index in (('A', spec.index_A), ('B', spec.index_B)):
+            if self.labels[domain] is not None:
+                item[f'group_{domain}'] = self.labels[domain][index]
+        return item
+
+    def _load_pair(self, name_a: str, name_b: str, idx_a: int, idx_b: int, seed: int
+                   ) -> tuple[Image.Image, Image.Image]:
+        img_a, img_b = load_rgb(self.paths[name_a][idx_a]), load_rgb(self.paths[name_b][idx_b])
+        if self.match is None:
+            return img_a, img_b
+        arr_a, arr_b = np.asarray(img_a), np.asarray(img_b)
+        if _coin(_generator(seed, 'match', name_a), self.match.prob):  # B takes A's colours
+            arr_b = match_histograms(arr_b, arr_a, self.match.mode, self.match.ratio)
+        else:
+            arr_a = match_histograms(arr_a, arr_b, self.match.mode, self.match.ratio)
+        return Image.fromarray(arr_a), Image.fromarray(arr_b)
+
+
+class TrainStream:
+    """The infinite training batch stream: the k-th next() is the batch of step start_step + k.
+
+    Batches are dicts: 'A', 'B' (N×3×s×s in [-1, 1]), 'blur_A', 'blur_B' with blur images,
+    'group_A', 'group_B' (int64 N) with groups. `step` is the step of the next batch.
+    """
+
+    def __init__(self, loader: DataLoader, start_step: int, num_images: dict[str, int]):
+        self.loader, self.step, self.num_images = loader, start_step, num_images
+        self._iterator: Iterator | None = None
+
+    def __iter__(self) -> TrainStream:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        if self._iterator is None:  # workers start on first use
+            self._iterator = iter(self.loader)
+        batch = next(self._iterator)
+        self.step += 1
+        return batch
+
+
+def _members(labels: list[int] | None, count: int) -> dict[int | None, list[int]]:
+    """Indices of each group (key None: all images)."""
+    if labels is None:
+        return {None: list(range(count))}
+    groups: dict[int | None, list[int]] = {}
+    for index, label in enumerate(labels):
+        groups.setdefault(label, []).append(index)
+    return groups
+
+
+def build_train_stream(root: Path, img_size: int, batch_size: int, seed: int, *, start_step: int = 0,
+                       rank: int = 0, world_size: int = 1, num_workers: int = 0, pin_memory: bool = False,
+                       aug_prob: float = 0.0, match_histograms: bool = False, match_mode: str = 'hsl',
+                       match_prob: float = 0.5, match_ratio: float = 1.0, blur_root: Path | None = None,
+                       groups: list[int] | None = None, group_sampling: str = 'round_robin',
+                       prefetch_factor: int = 2) -> TrainStream:
+    """The training stream of `root/trainA` and `root/trainB` (see TrainStream, StepBatchSampler).
+
+    With `blur_root`, blur images come from `blur_root/blurA` and `blur_root/blurB`; a missing
+    one is first made from `root/trainA` (`trainB`) by make_blur_images, as EN does.
+    """
+    root = Path(root)
+    paths: dict[str, list[Path]] = {}
+    labels: dict[str, list[int] | None] = {}
+    for domain in ('A', 'B'):
+        paths[domain], labels[domain] = domain_images(root, f'train{domain}', groups)
+    if blur_root is not None:
+        for domain in ('A', 'B'):
+            folder = Path(blur_root) / f'blur{domain}'
+            if not folder.is_dir():
+                make_blur_images(root / f'train{domain}', folder)
+            paths[f'blur{domain}'] = _readable_images(folder)
+    members = {name: _members(labels.get(name), len(found)) for name, found in paths.items()}
+    sampler = StepBatchSampler(members, batch_size, seed, start_step, rank, world_size, groups,
+                               group_sampling)
+    if match_mode not in MATCH_MODES or not 0.0 <= match_prob <= 1.0 or not 0.0 <= match_ratio <= 1.0:
+        raise ValueError(f'bad histogram matching settings: mode {match_mode!r}, prob {match_prob}, '
+                         f'ratio {match_ratio}')
+    match = _MatchConfig(match_mode, match_prob, match_ratio) if match_histograms else None
+    dataset = _PairDataset(paths, labels, train_transform(img_size, aug_prob), match)
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
+                        persistent_workers=num_workers > 0,
+                        prefetch_factor=prefetch_factor if num_workers > 0 else None)
+    return TrainStream(loader, start_step, {name: len(found) for name, found in paths.items()})
+
+
+# ---------------------------------------------------------------------------------------------------
+# Test images
+
+
+class _FolderDataset(Dataset):
+    """The images of a folder with the test transform, named by relative path without extension."""
+
+    def __init__(self, folder: Path, img_size: int):
+        self.folder, self.paths, self.transform = folder, _readable_images(folder), test_transform(img_size)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
+        path = self.paths[index]
+        return self.transform(load_rgb(path)), path.relative_to(self.folder).with_suffix('').as_posix()
+
+
+def _collate_named(batch: list[tuple[torch.Tensor, str]]) -> tuple[torch.Tensor, list[str]]:
+    images, names = zip(*batch)
+    return torch.stack(images), list(names)
+
+
+def build_test_loader(folder: Path, img_size: int, batch_size: int = 1, num_workers: int = 0) -> DataLoader:
+    """Deterministic loader of (images N×3×s×s in [-1, 1], names: list[str]) over every image under
+    `folder`; a name is the relative path without extension ('img1', 'sub/img2')."""
+    return DataLoader(_FolderDataset(Path(folder), img_size), batch_size=batch_size, shuffle=False,
+                      num_workers=num_workers, collate_fn=_collate_named)

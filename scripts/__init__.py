@@ -1,0 +1,1 @@
+"""Command-line tools: demo data, face crops, benchmark (importable for tests)."""
