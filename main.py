@@ -226,6 +226,8 @@ def validate(cfg: argparse.Namespace) -> None:
         fail('--attention_input needs --attention_gan >= 2 (the input is one of the k candidates)')
     if not 0 <= cfg.ema_beta < 1 or not 0 <= cfg.ema_start <= 1:
         fail('--ema_beta must be in [0, 1) and --ema_start in [0, 1]')
+    if cfg.inception_weights and not Path(cfg.inception_weights).is_file():
+        fail(f'--inception_weights: {cfg.inception_weights} not found (pt_inception-2015-12-05 .pth file)')
     _validate_face(cfg, fail)
     _validate_few_shot(cfg, fail)
     _validate_dataset(cfg)

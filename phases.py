@@ -147,15 +147,9 @@ def frame_translator(trainer: UGATIT, cfg) -> Callable[[np.ndarray], np.ndarray]
         return utils.tensor_to_uint8(trainer.translate(tensor, cfg.direction, use_ema).image[0])
 
     if cfg.align_faces:
-        from faceseg.align import FaceAligner, paste_back
+        from faceseg.align import FaceAligner
         aligner = FaceAligner(device=str(trainer.device))
-
-        def translate_faces(rgb: np.ndarray) -> np.ndarray:
-            out = rgb
-            for crop, matrix in aligner.crops(rgb, size, all_faces=True):
-                out = paste_back(out, translate_square(crop), matrix)
-            return out
-        return translate_faces
+        return lambda rgb: aligner.apply(rgb, translate_square, out_size=size, all_faces=True)
 
     def translate_frame(rgb: np.ndarray) -> np.ndarray:
         h, w = rgb.shape[:2]

@@ -138,6 +138,7 @@ class UGATIT:
         utils.seed_everything(cfg.seed)
         self.G = nn.ModuleDict({d.name: build_generator(cfg) for d in DIRECTIONS}).to(self.device)
         self.D = nn.ModuleDict({dom: build_critic(cfg, dom) for dom in 'AB'}).to(self.device)
+        torch.manual_seed(cfg.seed + self.dist.rank)   # same weights everywhere, own augmentation draws
         if cfg.channels_last:
             self.G.to(memory_format=torch.channels_last)
             self.D.to(memory_format=torch.channels_last)
@@ -150,6 +151,9 @@ class UGATIT:
                            'B2A': cfg.adv_weight * cfg.backward_adv_weight}
         self.ema = self._build_ema()
         self.ada = self._build_ada()
+        # ADA's draws come from their own generator, reseeded from (seed, rank, step) every step, so a
+        # resumed run augments exactly as an unbroken one (DataLoader start-up also draws globally).
+        self.ada_rng = torch.Generator(device=self.device) if self.ada is not None else None
         self.segmenter = self._build_segmenter()
         self.g_terms = self._build_generator_terms()
         self.frozen_on_other_groups = self._selective_backprop_params()
@@ -284,7 +288,7 @@ class UGATIT:
             images = [torch.cat(images)]
             masks = [{k: torch.cat([m[k] for m in masks]) for k in masks[0]}]
         if self.ada is not None:
-            images = [self.ada[domain].pipe(x) for x in images]
+            images = [self.ada[domain].pipe(x, generator=self.ada_rng) for x in images]
         per_input = [[] for _ in images]
         for scale in ('G', 'L'):
             for i, (x, extra) in enumerate(zip(images, masks)):
@@ -311,6 +315,8 @@ class UGATIT:
         """One full iteration; returns detached loss tensors (no host sync)."""
         batch = self._prepare(batch)
         self._set_lr(self.lr_at(step))
+        if self.ada_rng is not None:
+            self.ada_rng.manual_seed(data.derive_seed(self.cfg.seed, 'ada', self.dist.rank, step))
         masks = self.segment(batch)
         self.G.train()
         with self.autocast():
@@ -694,6 +700,21 @@ class UGATIT:
                 results[f'FID/{d.name}{suffix}'] = scores['FID']
                 results[f'KID/{d.name}{suffix}'] = scores['KID']
                 results[f'KID_std/{d.name}{suffix}'] = scores['KID_std']
+                results.update(self._group_kid(d, use_ema, suffix))
+        return results
+
+    def _group_kid(self, d: Direction, use_ema: bool, suffix: str) -> dict[str, float]:
+        """Few-shot runs: KID per group, for groups present in both test<source> and train<target>."""
+        results = {}
+        for g in self.cfg.groups or ():
+            fake_dir = self.dataset_root / f'test{d.source}' / str(g)
+            real_dir = self.dataset_root / f'train{d.target}' / str(g)
+            if not (fake_dir.is_dir() and real_dir.is_dir()):
+                continue
+            real = self._evaluator.real_features(real_dir, img_size=self.cfg.img_size)
+            loader = data.build_test_loader(fake_dir, self.cfg.img_size, batch_size=self.cfg.fid_batch)
+            fakes = self._evaluator.fake_features(self.translate(x, d.name, use_ema).image for x, _ in loader)
+            results[f'KID/{d.name}_group{g}{suffix}'] = self._evaluator.score(real, fakes)['KID']
         return results
 
     def evaluate_and_keep_best(self, monitor, step: int) -> None:

@@ -139,6 +139,8 @@ def weights_identity(weights: str | None) -> str | list:
     if weights is None:
         return 'download'
     path = Path(weights).resolve()
+    if not path.is_file():
+        raise MetricsError(f'Inception weights not found: {path}')
     stat = path.stat()
     return [str(path), stat.st_size, stat.st_mtime_ns]
 

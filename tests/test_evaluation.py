@@ -1,0 +1,54 @@
+"""Metrics during training (FID/KID logged, best checkpoint kept) and --phase val."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_flags
+from scipy import linalg
+from test_metrics import _range_sqrtm
+
+import main
+from metrics import fid_inception_backbone
+
+
+@pytest.fixture
+def inception_file(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    path = tmp_path / 'inception.pth'
+    torch.save(fid_inception_backbone().state_dict(), path)
+    # A 2048×2048 sqrtm takes ~15 s on 2 cores; the stand-in (checked in test_metrics) gives its trace.
+    monkeypatch.setattr(linalg, 'sqrtm', _range_sqrtm)
+    return path
+
+
+def test_training_logs_metrics_and_keeps_best_checkpoint(tiny_dataset, tmp_path, inception_file, capsys):
+    out = tmp_path / 'r'
+    flags = tiny_flags(tiny_dataset, out, '--iteration', '2', '--save_freq', '2', '--metric_freq', '1',
+                       '--inception_weights', str(inception_file), '--ema_start', '0')
+    assert main.main(flags) == 0
+    lines = [json.loads(line) for line in (out / 'tiny' / 'metrics.jsonl').read_text().splitlines()]
+    assert [line['step'] for line in lines] == [1, 2]
+    for key in ('FID/A2B', 'FID/B2A', 'KID/A2B', 'KID/B2A', 'FID/A2B_ema', 'KID/B2A_ema'):
+        assert all(isinstance(line[key], float) for line in lines), key
+    assert (out / 'tiny' / 'model' / 'tiny_params_best_fid.pt').exists()
+    assert 'new best mean FID' in capsys.readouterr().err
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(out / 'tiny' / 'logs'))
+    events.Reload()
+    assert {'FID/A2B', 'KID/B2A_ema', 'G/adv_A2B', 'D/adv_B', 'lr'} <= set(events.Tags()['scalars'])
+
+    capsys.readouterr()
+    assert main.main(tiny_flags(tiny_dataset, out, '--phase', 'val', '--inception_weights', str(inception_file))) == 0
+    printed = capsys.readouterr().out
+    assert 'FID/A2B: ' in printed and 'KID/B2A_ema: ' in printed and '±' in printed
+
+
+def test_missing_inception_weights_is_a_one_line_error(tiny_dataset, tmp_path, capsys):
+    out = tmp_path / 'r'
+    flags = tiny_flags(tiny_dataset, out, '--iteration', '1', '--metric_freq', '1',
+                       '--inception_weights', str(tmp_path / 'missing.pth'))
+    assert main.main(flags) == 2
+    err = capsys.readouterr().err
+    assert 'missing.pth' in err and 'Traceback' not in err
