@@ -241,7 +241,7 @@ def _fail(message: str) -> None:
 
 def _validate_face(cfg, fail) -> None:
     seg_flags = cfg.seg_fix_weight > 0 or cfg.seg_D_mask or cfg.seg_G_detach or cfg.seg_D_cam_inp_mask \
-        or cfg.seg_D_cam_fea_mask or (cfg.tv_weight > 0 and Path(cfg.faceseg_weights).exists())
+        or cfg.seg_D_cam_fea_mask
     cfg.use_faceseg = bool(seg_flags) and cfg.phase == 'train'
     if cfg.use_faceseg and not Path(cfg.faceseg_weights).is_file():
         fail(f'--faceseg_weights: {cfg.faceseg_weights} not found; the segmentation flags need the BiSeNet '

@@ -26,11 +26,11 @@ import dataset as data
 import losses as L
 import utils
 from networks import (
+    Discriminator,
     DiscriminatorOutput,
     GeneratorOutput,
-    RhoClipper,
-    Discriminator,
     ResnetGenerator,
+    RhoClipper,
 )
 
 PT_KEYS = {'genA2B': ('G', 'A2B'), 'genB2A': ('G', 'B2A'), 'disGA': ('D', 'A', 'G'),
@@ -364,6 +364,7 @@ class UGATIT:
                 logs[f'D/group_{tgt}'] = group.detach()
                 loss = loss + group
             logs[f'D/adv_{tgt}'] = loss.detach()
+            logs[f'D/real_acc_{tgt}'] = (real[0].logit.detach() > 0.5).float().mean()  # global D, LSGAN 0/1
             if self.ada is not None:
                 self.ada[tgt].observe(real[0].logit.detach())
             total = total + loss
@@ -763,6 +764,10 @@ class GracefulStop:
             signal.signal(sig, handler)
 
 
+# FN's TensorBoard names for its face-distance curves, written too so its dashboards keep working.
+FN_TAG_ALIASES = {'G/face_distance_A2B': 'G_A_face_distance', 'G/face_distance_B2A': 'G_B_face_distance'}
+
+
 class TrainingMonitor:
     """Rank 0's outputs: TensorBoard scalars and images, PNG previews, metrics.jsonl."""
 
@@ -788,6 +793,8 @@ class TrainingMonitor:
     def scalars(self, step: int, means: dict[str, float]) -> None:
         for key, value in means.items():
             self.writer.add_scalar(key, value, step)
+            if key in FN_TAG_ALIASES:
+                self.writer.add_scalar(FN_TAG_ALIASES[key], value, step)
         trainer = self.trainer
         self.writer.add_scalar('lr', trainer.lr_at(step), step)
         for name, g in trainer.G.items():

@@ -105,12 +105,16 @@ def test_data_options_change_the_batches(tiny_dataset, tmp_path, flags):
     assert not torch.equal(plain['A'], changed['A']) or not torch.equal(plain['B'], changed['B'])
 
 
+def _downsamplings(net: nn.Module) -> int:
+    return sum(getattr(m, 'stride', None) == (2, 2) for m in net.modules())
+
+
 @pytest.mark.parametrize('flags,check', [
     (['--sn', 'False'], lambda t: not any('weight_orig' in k for k in t.D.state_dict())),
     (['--use_se', 'True'], lambda t: any('.se.' in k for k in t.G.state_dict())),
     (['--use_deconv', 'True'], lambda t: any(isinstance(m, nn.ConvTranspose2d) for m in t.G.modules())),
     (['--attention_gan', '2', '--attention_input', 'True'], lambda t: hasattr(t.G['A2B'], 'attention_branch')),
-    (['--n_global_dis', '5'], lambda t: sum(getattr(m, 'stride', None) == (2, 2) for m in t.D['A']['G'].modules()) == 3),
+    (['--n_global_dis', '5'], lambda t: _downsamplings(t.D['A']['G']) == 3),
     (['--light', '2'], lambda t: t.G['A2B'].FC[0].weight.shape[1] == 16 * 4),
     (['--cam_D_attention', 'False'], lambda t: not t.D['A']['G'].cam_attention),
 ])

@@ -1,7 +1,6 @@
 """Few-shot training: group labels, group loss, selective backprop and ADA inside the trainer."""
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import pytest
