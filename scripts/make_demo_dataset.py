@@ -10,7 +10,8 @@ which a small U-GAT-IT (`--light True --ch 16 --img_size 64`) learns in a few th
 
 The scenes of A and B are drawn independently (the data is unpaired). Images are 64×64 palette PNGs
 of a few flat colours, so the default 200 + 200 training and 8 + 8 test images take about 0.2 MB.
-The output is a pure function of --seed.
+Backgrounds are shaded in bands rather than flat, so that no training crop is a constant image (see
+_gradient_background). The output is a pure function of --seed.
 
     python scripts/make_demo_dataset.py [--out dataset/demo] [--n_train 200] [--n_test 8]
 """
@@ -64,10 +65,23 @@ def _draw_shape(draw: ImageDraw.ImageDraw, size: int, fill: tuple[int, int, int]
                      width=max(style['outline'] - 1, 1))
 
 
+def _gradient_background(colour: tuple[int, int, int], size: int, depth: int = 24, band: int = 4) -> Image.Image:
+    """A background darkening from top to bottom in bands of `band` rows.
+
+    Never perfectly flat: a training crop of a flat background is a constant image, for which the
+    instance norms of the generator's encoder multiply the gradient by 1/sqrt(eps) ≈ 316 per layer
+    and training diverges within a few steps (the official code does the same).
+    """
+    rows = np.arange(size) // band * band / max(size - 1, 1)  # 0 … 1, in steps
+    shade = np.rint((0.5 - rows) * depth).astype(int)
+    column = np.clip(np.array(colour)[None, :] + shade[:, None], 0, 255).astype(np.uint8)
+    return Image.fromarray(np.repeat(column[:, None, :], size, axis=1), 'RGB')
+
+
 def make_scene(domain: str, size: int, rng: random.Random) -> Image.Image:
     """One random scene in the style of `domain` ('A' or 'B'), as a palette image."""
     style = STYLES[domain]
-    img = Image.new('RGB', (size, size), _jitter(style['background'], rng, 6))
+    img = _gradient_background(_jitter(style['background'], rng, 6), size)
     draw = ImageDraw.Draw(img)
     for _ in range(rng.randint(0, 3)):
         _draw_shape(draw, size, _jitter(rng.choice(style['colours']), rng), style, rng)
