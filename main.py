@@ -45,9 +45,10 @@ def _groups(value: str) -> list[int]:
     return groups
 
 
-def _flag(group, name: str, default: bool, help: str) -> None:
+def _flag(group, name: str, default: bool, help: str, *aliases: str) -> None:
     """A boolean that accepts ``--name``, ``--name True`` and ``--name False`` (PT style)."""
-    group.add_argument(name, type=_bool, nargs='?', const=True, default=default, metavar='BOOL', help=help)
+    group.add_argument(name, *aliases, type=_bool, nargs='?', const=True, default=default, metavar='BOOL',
+                       help=help)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -70,8 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                      'with a note when CUDA is unavailable)')
     run.add_argument('--seed', type=int, default=0, help='seeds weights, data order and augmentation')
     _flag(run, '--resume', False, 'continue from the newest checkpoint (step + 1, optimizer, RNG, EMA, ADA)')
-    run.add_argument('--checkpoint', default=None, help='checkpoint file for test/img_dir/video phases '
-                     '(default: the newest one)')
+    run.add_argument('--checkpoint', default=None, help='checkpoint file for test/img_dir/video phases; '
+                     'None: the newest one')
     _flag(run, '--no_ema', False, 'translate with the raw generators even when EMA weights exist')
     run.add_argument('--img_dir', default=None, help='folder to translate with --phase img_dir/generate')
     run.add_argument('--direction', default='A2B', choices=('A2B', 'B2A'), help='direction for img_dir/video')
@@ -147,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help='FID/KID of test translations every N steps (0: off)')
     ev.add_argument('--fid_batch', type=int, default=50, help='batch size for metric feature extraction')
     ev.add_argument('--inception_weights', default=None,
-                    help='pt_inception-2015-12-05-6726825d.pth (default: download when online)')
+                    help='pt_inception-2015-12-05-6726825d.pth file; None: download when online')
 
     face = parser.add_argument_group('face-aware losses')
     face.add_argument('--face_distance_weight', type=float, default=0.0, help='FaceNet identity loss weight (FN)')
@@ -173,11 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
     few.add_argument('--group_weight', type=float, default=1.0, help='generator group-loss weight')
     _flag(few, '--selective_backprop', False, 'update the generator bottleneck only on base-group steps')
     few.add_argument('--base_group', type=int, default=0, help='group whose steps update the bottleneck')
-    _flag(few, '--ada', False, 'adaptive discriminator augmentation')
+    _flag(few, '--ada', False, 'adaptive discriminator augmentation (F2W: --useADA)', '--useADA')
     few.add_argument('--ada_target', type=float, default=0.6, help='target r_t = E[sign(D(real) - 0.5)]')
     few.add_argument('--ada_interval', type=int, default=4, help='D steps between p updates')
-    few.add_argument('--ada_kimg', type=float, default=500, help='thousands of images for p to move by 1')
-    few.add_argument('--ada_p', type=float, default=0.0, help='initial augmentation probability')
+    few.add_argument('--ada_kimg', '--kimg', type=float, default=500,
+                     help='thousands of images for p to move by 1 (F2W: --kimg)')
+    few.add_argument('--ada_p', '--strength', type=float, default=0.0,
+                     help='initial augmentation probability (F2W: --strength)')
     few.add_argument('--ada_pipeline', default='bgc', choices=('b', 'g', 'c', 'bg', 'bgc'),
                      help='b: blit, g: geometric, c: colour transforms')
 

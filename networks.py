@@ -151,6 +151,25 @@ class RhoClipper:
 # Blocks
 
 
+class InstanceNorm2d(nn.InstanceNorm2d):
+    """nn.InstanceNorm2d (same state dict: none) that survives channels-last gradients at batch size 1.
+
+    PyTorch's CPU instance-norm backward returns wrong input gradients when the incoming gradient
+    is channels-last and the batch has one sample (checked on torch 2.14: errors of the order of the
+    gradient itself). Making that gradient contiguous first costs one copy, only in that case.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x)
+        if out.requires_grad and out.shape[0] == 1 and not torch.compiler.is_compiling():
+            out.register_hook(_contiguous_grad)
+        return out
+
+
+def _contiguous_grad(grad: torch.Tensor) -> torch.Tensor:
+    return grad.contiguous()
+
+
 class ChannelSpatialSE(nn.Module):
     """scSE (Roy et al. 2018): channel squeeze-excitation plus spatial excitation, summed (EN's --use_se)."""
 
@@ -171,9 +190,9 @@ class ResnetBlock(nn.Module):
     def __init__(self, dim: int, use_bias: bool = False, use_se: bool = False) -> None:
         super().__init__()
         self.conv_block = nn.Sequential(
-            nn.ReflectionPad2d(1), nn.Conv2d(dim, dim, 3, 1, 0, bias=use_bias), nn.InstanceNorm2d(dim),
+            nn.ReflectionPad2d(1), nn.Conv2d(dim, dim, 3, 1, 0, bias=use_bias), InstanceNorm2d(dim),
             nn.ReLU(True),
-            nn.ReflectionPad2d(1), nn.Conv2d(dim, dim, 3, 1, 0, bias=use_bias), nn.InstanceNorm2d(dim))
+            nn.ReflectionPad2d(1), nn.Conv2d(dim, dim, 3, 1, 0, bias=use_bias), InstanceNorm2d(dim))
         if use_se:
             self.se = ChannelSpatialSE(dim)
 
@@ -277,11 +296,11 @@ class ResnetGenerator(nn.Module):
             setattr(self, f'UpBlock1_{i + 1}', ResnetAdaILNBlock(dim, use_bias=False, use_se=use_se))
 
         down = [nn.ReflectionPad2d(3), nn.Conv2d(input_nc, ngf, 7, 1, 0, bias=False),
-                nn.InstanceNorm2d(ngf), nn.ReLU(True)]
+                InstanceNorm2d(ngf), nn.ReLU(True)]
         for i in range(n_down):
             mult = 2 ** i
             down += [nn.ReflectionPad2d(1), nn.Conv2d(ngf * mult, ngf * mult * 2, 3, 2, 0, bias=False),
-                     nn.InstanceNorm2d(ngf * mult * 2), nn.ReLU(True)]
+                     InstanceNorm2d(ngf * mult * 2), nn.ReLU(True)]
         down += [ResnetBlock(dim, use_bias=False, use_se=use_se) for _ in range(n_blocks)]
 
         fc_in = dim * self.pool * self.pool

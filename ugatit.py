@@ -765,7 +765,8 @@ class GracefulStop:
 
 
 # FN's TensorBoard names for its face-distance curves, written too so its dashboards keep working.
-FN_TAG_ALIASES = {'G/face_distance_A2B': 'G_A_face_distance', 'G/face_distance_B2A': 'G_B_face_distance'}
+# FN (a TF fork) names generators by the domain they produce: G_A is B→A.
+FN_TAG_ALIASES = {'G/face_distance_B2A': 'G_A_face_distance', 'G/face_distance_A2B': 'G_B_face_distance'}
 
 
 class TrainingMonitor:

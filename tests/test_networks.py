@@ -218,3 +218,16 @@ def test_discriminator_options():
     no_att = N.Discriminator(3, ndf=4, n_layers=5, cam_attention=False).eval()
     no_att.load_state_dict(masked.state_dict())
     assert not torch.allclose(no_att(x).logit, full.logit)
+
+
+def test_instance_norm_gradient_is_layout_independent_at_batch_one():
+    """Works around a PyTorch CPU bug: wrong instance-norm input gradients for a channels-last
+    incoming gradient at batch size 1 (networks.InstanceNorm2d makes that gradient contiguous)."""
+    from networks import InstanceNorm2d
+    x = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    grad_out = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(1))
+    expected = torch.autograd.grad(torch.nn.InstanceNorm2d(16)(x.requires_grad_(True)), x, grad_out)[0]
+    for layout in (torch.contiguous_format, torch.channels_last):
+        y = x.detach().contiguous(memory_format=layout).requires_grad_(True)
+        got = torch.autograd.grad(InstanceNorm2d(16)(y), y, grad_out.contiguous(memory_format=torch.channels_last))[0]
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)

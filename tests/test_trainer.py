@@ -126,6 +126,31 @@ def test_resume_after_kill_equals_unbroken_run(tiny_dataset, tmp_path):
     _assert_same_state(_final_weights(straight, 4), _final_weights(broken, 4))
 
 
+def test_real_kill_9_mid_run_then_resume_equals_unbroken_run(tiny_dataset, tmp_path):
+    """SIGKILL a real training process at an arbitrary moment after its first checkpoint."""
+    import subprocess
+    import sys
+    import time
+    flags = ('--iteration', '30', '--save_freq', '2')
+    straight = tmp_path / 'straight'
+    assert _run(tiny_dataset, straight, *flags) == 0
+    broken = tmp_path / 'broken'
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, 'main.py', *tiny_flags(tiny_dataset, broken, *flags)], cwd=root,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = broken / 'tiny' / 'model' / 'tiny_params_0000002.pt'
+    deadline = time.monotonic() + 120
+    while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    time.sleep(0.15)   # a few steps further: possibly in the middle of writing a checkpoint
+    proc.kill()
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, 'the run ended before it could be killed'
+    assert not (broken / 'tiny' / 'model' / 'tiny_params_0000030.pt').exists()
+    assert _run(tiny_dataset, broken, *flags, '--resume', 'True') == 0
+    _assert_same_state(_final_weights(straight, 30), _final_weights(broken, 30))
+
+
 def test_sigterm_saves_then_resume_equals_unbroken_run(tiny_dataset, tmp_path, monkeypatch):
     straight = tmp_path / 'straight'
     assert _run(tiny_dataset, straight, '--iteration', '4', '--save_freq', '4') == 0
