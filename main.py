@@ -61,6 +61,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         description='U-GAT-IT: unpaired image-to-image translation (PyTorch).',
+        epilog='multi-GPU / multi-node: torchrun --nproc_per_node N main.py ... (--batch_size is per process)',
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     run = parser.add_argument_group('run')
     run.add_argument('--phase', default='train', choices=PHASES, help='what to do')
@@ -190,7 +191,6 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(perf, '--compile', False, 'torch.compile the networks')
     _flag(perf, '--benchmark_flag', False, 'cudnn.benchmark')
     _flag(perf, '--stack_batches', True, 'run each network once per stage on stacked inputs (exact)')
-    perf.epilog = 'multi-GPU: torchrun --nproc_per_node N main.py ...'
     return parser
 
 
