@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -682,7 +683,7 @@ class UGATIT:
 
     def evaluate(self, use_ema_options: tuple[bool, ...] | None = None) -> dict[str, float]:
         """FID and KID of test-set translations against the target domain's training images."""
-        from metrics import Evaluator
+        from metrics import Evaluator, kernel_inception_distance
         cfg = self.cfg
         if getattr(self, '_evaluator', None) is None:
             self._evaluator = Evaluator(cfg.inception_weights, self.device, batch_size=cfg.fid_batch,
@@ -691,32 +692,30 @@ class UGATIT:
             use_ema_options = (False, True) if self.ema is not None else (False,)
         results = {}
         for d in DIRECTIONS:
-            real = self._evaluator.real_features(self.dataset_root / f'train{d.target}', img_size=cfg.img_size)
-            loader = data.build_test_loader(self.dataset_root / f'test{d.source}', cfg.img_size,
-                                            batch_size=cfg.fid_batch, num_workers=cfg.num_workers)
             for use_ema in use_ema_options:
-                fakes = self._evaluator.fake_features(self.translate(x, d.name, use_ema).image for x, _ in loader)
-                scores = self._evaluator.score(real, fakes)
                 suffix = '_ema' if use_ema else ''
-                results[f'FID/{d.name}{suffix}'] = scores['FID']
-                results[f'KID/{d.name}{suffix}'] = scores['KID']
-                results[f'KID_std/{d.name}{suffix}'] = scores['KID_std']
-                results.update(self._group_kid(d, use_ema, suffix))
+                scores = self._evaluator.score(*self._features(d, '', use_ema))
+                results.update({f'{name}/{d.name}{suffix}': value for name, value in scores.items()})
+                for g in cfg.groups or ():   # few-shot runs: KID per group present on both sides
+                    if self._has_group(d, g):
+                        kid, _ = kernel_inception_distance(*self._features(d, str(g), use_ema))
+                        results[f'KID/{d.name}_group{g}{suffix}'] = kid
         return results
 
-    def _group_kid(self, d: Direction, use_ema: bool, suffix: str) -> dict[str, float]:
-        """Few-shot runs: KID per group, for groups present in both test<source> and train<target>."""
-        results = {}
-        for g in self.cfg.groups or ():
-            fake_dir = self.dataset_root / f'test{d.source}' / str(g)
-            real_dir = self.dataset_root / f'train{d.target}' / str(g)
-            if not (fake_dir.is_dir() and real_dir.is_dir()):
-                continue
-            real = self._evaluator.real_features(real_dir, img_size=self.cfg.img_size)
-            loader = data.build_test_loader(fake_dir, self.cfg.img_size, batch_size=self.cfg.fid_batch)
-            fakes = self._evaluator.fake_features(self.translate(x, d.name, use_ema).image for x, _ in loader)
-            results[f'KID/{d.name}_group{g}{suffix}'] = self._evaluator.score(real, fakes)['KID']
-        return results
+    def _has_group(self, d: Direction, group: int) -> bool:
+        return all((self.dataset_root / split / str(group)).is_dir()
+                   for split in (f'test{d.source}', f'train{d.target}'))
+
+    def _features(self, d: Direction, subfolder: str, use_ema: bool) -> tuple[np.ndarray, np.ndarray]:
+        """Inception features of train<target>/<subfolder> (cached on disk) and of the translations
+        of test<source>/<subfolder>."""
+        cfg = self.cfg
+        real = self._evaluator.real_features(self.dataset_root / f'train{d.target}' / subfolder,
+                                             img_size=cfg.img_size)
+        loader = data.build_test_loader(self.dataset_root / f'test{d.source}' / subfolder, cfg.img_size,
+                                        batch_size=cfg.fid_batch, num_workers=cfg.num_workers)
+        fakes = self._evaluator.fake_features(self.translate(x, d.name, use_ema).image for x, _ in loader)
+        return real, fakes
 
     def evaluate_and_keep_best(self, monitor, step: int) -> None:
         """Metrics on rank 0; the best checkpoint (mean FID of the deployed generators) is kept."""
