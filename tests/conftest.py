@@ -34,3 +34,17 @@ def tiny_flags(dataset: Path, result_dir: Path, *extra: str) -> list[str]:
             '--light', 'True', '--ch', '4', '--n_res', '1', '--img_size', '32',
             '--n_global_dis', '4', '--n_local_dis', '3', '--num_workers', '0',
             '--print_freq', '1000', '--log_freq', '1', '--latest_freq', '0', *extra]
+
+
+def tiny_trainer(dataset: Path, tmp_path: Path, *extra: str):
+    """A UGATIT trainer built through main.py's flags for the tiny model (a 10-step schedule)."""
+    import main
+    from ugatit import UGATIT
+    return UGATIT(main.parse_args(tiny_flags(dataset, tmp_path / 'out', '--iteration', '10', *extra)))
+
+
+def random_batches(n: int, batch: int = 2, size: int = 32, seed: int = 123) -> list[dict]:
+    """n batches of uniform images in [-1, 1] for both domains, from a seeded generator."""
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    return [{dom: torch.rand(batch, 3, size, size, generator=g) * 2 - 1 for dom in 'AB'} for _ in range(n)]

@@ -6,11 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_domain, tiny_flags
+from conftest import make_domain, tiny_flags, tiny_trainer
 
 import main
 import utils
-from ugatit import UGATIT, build_critic
+from ugatit import build_critic
 
 
 @pytest.fixture
@@ -24,8 +24,7 @@ def grouped_dataset(tmp_path: Path) -> Path:
     return root
 
 
-def _trainer(dataset: Path, tmp_path: Path, *extra: str) -> UGATIT:
-    return UGATIT(main.parse_args(tiny_flags(dataset, tmp_path / 'out', '--iteration', '10', *extra)))
+_trainer = tiny_trainer
 
 
 def _batch(group: int) -> dict[str, torch.Tensor]:

@@ -9,20 +9,17 @@ import os
 
 import pytest
 import torch
-from conftest import tiny_flags
+from conftest import random_batches, tiny_flags, tiny_trainer
 
 import main
 from scripts import benchmark
 from ugatit import UGATIT
 
-
-def _trainer(dataset, tmp_path, *extra: str) -> UGATIT:
-    return UGATIT(main.parse_args(tiny_flags(dataset, tmp_path / 'out', '--iteration', '10', *extra)))
+_trainer = tiny_trainer
 
 
 def _batches(n: int = 2) -> list[dict[str, torch.Tensor]]:
-    g = torch.Generator().manual_seed(3)
-    return [{dom: torch.rand(1, 3, 32, 32, generator=g) * 2 - 1 for dom in 'AB'} for _ in range(n)]
+    return random_batches(n, batch=1, seed=3)
 
 
 def _train(trainer: UGATIT, batches) -> list[dict[str, torch.Tensor]]:

@@ -7,22 +7,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_flags
+from conftest import random_batches, tiny_flags, tiny_trainer
 
 import main
 import utils
 from scripts.reference_step import reference_train_step
 from ugatit import PT_KEYS, UGATIT
 
-
-def _trainer(tiny_dataset: Path, tmp_path: Path, *extra: str) -> UGATIT:
-    return UGATIT(main.parse_args(tiny_flags(tiny_dataset, tmp_path / 'out', '--iteration', '10', *extra)))
-
-
-def _batches(n: int, size: int = 32, batch: int = 2) -> list[dict[str, torch.Tensor]]:
-    g = torch.Generator().manual_seed(123)
-    return [{'A': torch.rand(batch, 3, size, size, generator=g) * 2 - 1,
-             'B': torch.rand(batch, 3, size, size, generator=g) * 2 - 1} for _ in range(n)]
+_trainer = tiny_trainer
+_batches = random_batches
 
 
 def _params(trainer: UGATIT) -> dict[str, torch.Tensor]:
