@@ -175,6 +175,35 @@ def domain_images(root: Path, split: str, groups: list[int] | None = None
     return paths, labels
 
 
+def _stem(path: Path, folder: Path) -> str:
+    return path.relative_to(folder).with_suffix('').as_posix()
+
+
+def pair_by_stem(root: Path, paths_a: Sequence[Path], paths_b: Sequence[Path]) -> list[int]:
+    """For --paired: order[i] is the index in `paths_b` of the file with the stem (relative path
+    without extension) of `paths_a[i]`. DatasetError unless both hold exactly the same stems."""
+    stems_a = [_stem(p, Path(root) / 'trainA') for p in paths_a]
+    stems_b = [_stem(p, Path(root) / 'trainB') for p in paths_b]
+    index_b = {stem: i for i, stem in enumerate(stems_b)}
+    for name, stems in (('trainA', stems_a), ('trainB', stems_b)):
+        if len(set(stems)) != len(stems):
+            twice = sorted({s for s in stems if stems.count(s) > 1})
+            raise DatasetError(f'--paired True: {name} has several files per name ({_listed(twice)}); '
+                               'keep one image per name')
+    only_a, only_b = sorted(set(stems_a) - set(index_b)), sorted(set(index_b) - set(stems_a))
+    if only_a or only_b:
+        raise DatasetError(f'--paired True needs the same file names (without extension) in trainA and trainB: '
+                           f'only in trainA: {_listed(only_a)}; only in trainB: {_listed(only_b)}')
+    return [index_b[stem] for stem in stems_a]
+
+
+def _listed(names: Sequence[str], limit: int = 5) -> str:
+    if not names:
+        return 'none'
+    more = f' and {len(names) - limit} more' if len(names) > limit else ''
+    return ', '.join(names[:limit]) + more
+
+
 # ---------------------------------------------------------------------------------------------------
 # Transforms
 
@@ -225,12 +254,39 @@ class TrainTransform:
         return (height - side) // 2, (width - side) // 2, side
 
 
+class TFTrainTransform:
+    """TF's training pipeline (--augment_flag): Resize((s, s)) bilinear, then, with `augment`, for each
+    image with probability 0.5: horizontal flip (p 0.5) -> Resize((s+30, s+30)) (s+15 unless s is
+    256) -> random crop s. TF drew the 0.5 coin once per run and domain (SPEC B §4); here it is
+    drawn per image, which is what its code meant. Resizing is PIL's bilinear, as in PT's pipeline.
+    """
+
+    def __init__(self, img_size: int, augment: bool):
+        self.img_size, self.augment = img_size, augment
+        self.augment_size = img_size + (30 if img_size == 256 else 15)
+
+    def __call__(self, img: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Transform `img`; all randomness comes from `generator` (global RNG when None)."""
+        size, big = self.img_size, self.augment_size
+        img = TF.resize(img, [size, size], InterpolationMode.BILINEAR)
+        if self.augment and _coin(generator, 0.5):
+            if _coin(generator, 0.5):
+                img = TF.hflip(img)
+            img = TF.resize(img, [big, big], InterpolationMode.BILINEAR)
+            top, left = _randint(generator, big - size + 1), _randint(generator, big - size + 1)
+            img = TF.crop(img, top, left, size, size)
+        return _to_tensor(img)
+
+
 def _to_tensor(img: Image.Image) -> torch.Tensor:
     return TF.normalize(TF.to_tensor(img), [0.5] * 3, [0.5] * 3)
 
 
-def train_transform(img_size: int, aug_prob: float = 0.0) -> TrainTransform:
-    """The training transform; call it as `t(img, generator)`."""
+def train_transform(img_size: int, aug_prob: float = 0.0, augment_flag: bool | None = None
+                    ) -> TrainTransform | TFTrainTransform:
+    """The training transform (PT's, or TF's when `augment_flag` is given); call it as `t(img, generator)`."""
+    if augment_flag is not None:
+        return TFTrainTransform(img_size, augment_flag)
     return TrainTransform(img_size, aug_prob)
 
 
@@ -355,11 +411,12 @@ class StepBatchSampler(Sampler[list[SampleSpec]]):
     torch.randperm(n) seeded by (seed, domain, [group,] epoch). 'round_robin' groups: step t draws
     everything from groups[t % G] at the group's own position (its epochs are complete);
     'balanced': each sample's group is drawn from its seed and indexes the group's epochs at pos.
+    `paired`: B's images are ordered as A's pairs, and each sample takes B's image of A's index.
     """
 
     def __init__(self, members: dict[str, dict[int | None, list[int]]], batch_size: int, seed: int,
                  start_step: int = 0, rank: int = 0, world_size: int = 1,
-                 groups: list[int] | None = None, group_sampling: str = 'round_robin'):
+                 groups: list[int] | None = None, group_sampling: str = 'round_robin', paired: bool = False):
         if not 0 <= rank < world_size:
             raise ValueError(f'rank must be in [0, world_size), got rank {rank}, world_size {world_size}')
         if group_sampling not in GROUP_SAMPLING:
@@ -368,7 +425,7 @@ class StepBatchSampler(Sampler[list[SampleSpec]]):
             raise ValueError(f'need batch_size >= 1 and start_step >= 0, got {batch_size}, {start_step}')
         self.members, self.batch_size, self.seed = members, batch_size, seed
         self.start_step, self.rank, self.world_size = start_step, rank, world_size
-        self.groups, self.group_sampling = groups, group_sampling
+        self.groups, self.group_sampling, self.paired = groups, group_sampling, paired
         self._perms: dict[tuple, torch.Tensor] = {}
 
     def __iter__(self) -> Iterator[list[SampleSpec]]:
@@ -394,8 +451,9 @@ class StepBatchSampler(Sampler[list[SampleSpec]]):
         elif self.groups is not None:
             group = self.groups[_randint(_generator(sample_seed, 'group'), len(self.groups))]
         blur = [self._draw(name, None, pos) if name in self.members else -1 for name in ('blurA', 'blurB')]
-        return SampleSpec(self._draw('A', group, group_pos), self._draw('B', group, group_pos),
-                          sample_seed, *blur)
+        index_a = self._draw('A', group, group_pos)
+        index_b = index_a if self.paired else self._draw('B', group, group_pos)
+        return SampleSpec(index_a, index_b, sample_seed, *blur)
 
     def _draw(self, domain: str, group: int | None, pos: int) -> int:
         members = self.members[domain][group]
@@ -424,8 +482,9 @@ class _PairDataset(Dataset):
     """Map-style dataset indexed by SampleSpec; returns one sample's dict of tensors."""
 
     def __init__(self, paths: dict[str, list[Path]], labels: dict[str, list[int] | None],
-                 transform: TrainTransform, match: _MatchConfig | None):
+                 transform: TrainTransform | TFTrainTransform, match: _MatchConfig | None, paired: bool = False):
         self.paths, self.labels, self.transform, self.match = paths, labels, transform, match
+        self.paired = paired
 
     def __getitem__(self, spec: SampleSpec) -> dict[str, torch.Tensor | int]:
         item: dict[str, torch.Tensor | int] = {}
@@ -434,8 +493,10 @@ class _PairDataset(Dataset):
             pairs.append(('blurA', 'blurB', spec.blur_A, spec.blur_B))
         for name_a, name_b, idx_a, idx_b in pairs:
             img_a, img_b = self._load_pair(name_a, name_b, idx_a, idx_b, spec.seed)
+            # Paired A and B share their draws: the same flip and crop.
+            seed_b = name_a if self.paired and name_a == 'A' else name_b
             item[_BATCH_KEYS[name_a]] = self.transform(img_a, _generator(spec.seed, name_a))
-            item[_BATCH_KEYS[name_b]] = self.transform(img_b, _generator(spec.seed, name_b))
+            item[_BATCH_KEYS[name_b]] = self.transform(img_b, _generator(spec.seed, seed_b))
         for domain, index in (('A', spec.index_A), ('B', spec.index_B)):
             if self.labels[domain] is not None:
                 item[f'group_{domain}'] = self.labels[domain][index]
@@ -491,17 +552,24 @@ def build_train_stream(root: Path, img_size: int, batch_size: int, seed: int, *,
                        aug_prob: float = 0.0, match_histograms: bool = False, match_mode: str = 'hsl',
                        match_prob: float = 0.5, match_ratio: float = 1.0, blur_root: Path | None = None,
                        groups: list[int] | None = None, group_sampling: str = 'round_robin',
+                       augment_flag: bool | None = None, paired: bool = False,
                        prefetch_factor: int = 2) -> TrainStream:
     """The training stream of `root/trainA` and `root/trainB` (see TrainStream, StepBatchSampler).
 
     With `blur_root`, blur images come from `blur_root/blurA` and `blur_root/blurB`; a missing
-    one is first made from `root/trainA` (`trainB`) by make_blur_images, as EN does.
+    one is first made from `root/trainA` (`trainB`) by make_blur_images, as EN does. `augment_flag`
+    True/False selects TF's pipeline (TFTrainTransform). `paired`: A and B are drawn by the same
+    file stem with the same flip and crop (DatasetError when the stems differ).
     """
     root = Path(root)
     paths: dict[str, list[Path]] = {}
     labels: dict[str, list[int] | None] = {}
     for domain in ('A', 'B'):
         paths[domain], labels[domain] = domain_images(root, f'train{domain}', groups)
+    if paired:
+        order = pair_by_stem(root, paths['A'], paths['B'])
+        paths['B'] = [paths['B'][i] for i in order]
+        labels['B'] = labels['A']   # a stem includes its group folder
     if blur_root is not None:
         for domain in ('A', 'B'):
             folder = Path(blur_root) / f'blur{domain}'
@@ -510,12 +578,12 @@ def build_train_stream(root: Path, img_size: int, batch_size: int, seed: int, *,
             paths[f'blur{domain}'] = _readable_images(folder)
     members = {name: _members(labels.get(name), len(found)) for name, found in paths.items()}
     sampler = StepBatchSampler(members, batch_size, seed, start_step, rank, world_size, groups,
-                               group_sampling)
+                               group_sampling, paired)
     if match_mode not in MATCH_MODES or not 0.0 <= match_prob <= 1.0 or not 0.0 <= match_ratio <= 1.0:
         raise ValueError(f'bad histogram matching settings: mode {match_mode!r}, prob {match_prob}, '
                          f'ratio {match_ratio}')
     match = _MatchConfig(match_mode, match_prob, match_ratio) if match_histograms else None
-    dataset = _PairDataset(paths, labels, train_transform(img_size, aug_prob), match)
+    dataset = _PairDataset(paths, labels, train_transform(img_size, aug_prob, augment_flag), match, paired)
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
                         persistent_workers=num_workers > 0,
                         prefetch_factor=prefetch_factor if num_workers > 0 else None)

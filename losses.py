@@ -1,13 +1,15 @@
 """Every loss term of U-GAT-IT and its extensions.
 
-The base objective (SPEC B §1.3) is LSGAN on the patch and CAM logits of the global and local
-discriminators, cycle and identity L1, and the generator's CAM classification (BCE with logits).
+The base objective (SPEC B §1.3) is an adversarial loss (LSGAN by default, or another of TF's
+``--gan_type`` objectives with its gradient penalty) on the patch and CAM logits of the global and
+local discriminators, cycle and identity L1, and the generator's CAM classification (BCE with logits).
 Optional generator terms (face identity, background L1, total variation, few-shot groups) are small
 objects with a ``name``, a ``weight`` and ``__call__(ctx) -> Tensor``; the trainer keeps only the
 active ones and sums them, so the training step has no per-feature branches.
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -36,22 +38,219 @@ def lsgan(pred: torch.Tensor, target: float, mask: torch.Tensor | None = None) -
     return torch.mean((pred - target) ** 2)
 
 
-class GANLoss:
-    """LSGAN over a multi-scale critic's outputs: patch logits plus ``cam_weight`` × CAM logits.
+# ----------------------------------------------------------------------------------------------
+# GAN objectives (TF's --gan_type): each owns its formulas for D on real and fake logits and for G
 
-    ``cam_weight`` is EN's --cam_D_weight; at 0 or below the CAM terms are dropped entirely.
+
+def _masked_mean(loss: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """mean(loss · m²): background patches add zero loss and stay in the denominator, soft edges
+    count m², which is exactly what :func:`lsgan`'s replace-by-target masking does."""
+    if mask is None:
+        return loss.mean()
+    m = resize_mask(mask, loss)
+    return (loss * m * m).mean()
+
+
+class GANObjective(ABC):
+    """Element-wise adversarial losses; subclasses give TF's formulas (ops.py discriminator_loss and
+    generator_loss). ``threshold`` is the logit that separates 'real' from 'fake' decisions (for the
+    logged D accuracy and ADA's overfitting signal)."""
+
+    name = ''
+    threshold = 0.0
+
+    @abstractmethod
+    def real(self, logit: torch.Tensor) -> torch.Tensor:
+        """D's loss on real inputs, element-wise."""
+
+    @abstractmethod
+    def fake(self, logit: torch.Tensor) -> torch.Tensor:
+        """D's loss on generated inputs, element-wise."""
+
+    @abstractmethod
+    def generator(self, logit: torch.Tensor) -> torch.Tensor:
+        """G's loss on D's logits for generated inputs, element-wise."""
+
+    def d_real(self, logit: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return _masked_mean(self.real(logit.float()), mask)
+
+    def d_fake(self, logit: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return _masked_mean(self.fake(logit.float()), mask)
+
+    def g_fake(self, logit: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return _masked_mean(self.generator(logit.float()), mask)
+
+
+class LSGANObjective(GANObjective):
+    """Least squares: D pushes real to 1 and fake to 0, G pushes fake to 1 (PT's only objective)."""
+
+    name = 'lsgan'
+    threshold = 0.5
+
+    # The reductions keep PT's exact arithmetic (and EN's masking) through :func:`lsgan`.
+    def d_real(self, logit, mask=None):
+        return lsgan(logit, 1.0, mask)
+
+    def d_fake(self, logit, mask=None):
+        return lsgan(logit, 0.0, mask)
+
+    def g_fake(self, logit, mask=None):
+        return lsgan(logit, 1.0, mask)
+
+    def real(self, logit):
+        return (logit - 1) ** 2
+
+    def fake(self, logit):
+        return logit ** 2
+
+    def generator(self, logit):
+        return (logit - 1) ** 2
+
+
+class CrossEntropyObjective(GANObjective):
+    """The original GAN (TF's 'gan' and 'dragan'): sigmoid cross-entropy, non-saturating G loss."""
+
+    name = 'gan'
+
+    def real(self, logit):
+        return F.binary_cross_entropy_with_logits(logit, torch.ones_like(logit), reduction='none')
+
+    def fake(self, logit):
+        return F.binary_cross_entropy_with_logits(logit, torch.zeros_like(logit), reduction='none')
+
+    def generator(self, logit):
+        return self.real(logit)
+
+
+class WassersteinObjective(GANObjective):
+    """WGAN critic (TF's 'wgan-gp', 'wgan-lp'): D minimises −real + fake, G minimises −fake."""
+
+    name = 'wgan'
+
+    def real(self, logit):
+        return -logit
+
+    def fake(self, logit):
+        return logit
+
+    def generator(self, logit):
+        return -logit
+
+
+class HingeObjective(WassersteinObjective):
+    """Hinge loss: D minimises relu(1 − real) + relu(1 + fake); G minimises −fake."""
+
+    name = 'hinge'
+
+    def real(self, logit):
+        return F.relu(1 - logit)
+
+    def fake(self, logit):
+        return F.relu(1 + logit)
+
+
+class GradientPenalty:
+    """TF's gradient penalty at random points x̂ = real + α·(fake − real), α ~ U[0, 1) per image:
+    weight·mean_i (‖∇ₓ D(x̂)_i‖ − 1)² ('wgan-gp'), or the one-sided weight·mean_i max(0, ‖∇‖ − 1)²
+    ('wgan-lp'). ∇ is the gradient of the sum of a D output over its elements, the norm is over
+    all pixels of an image, as in TF's ``gradient_panalty``."""
+
+    def __init__(self, weight: float, one_sided: bool = False) -> None:
+        self.weight = weight
+        self.one_sided = one_sided
+
+    def points(self, real: torch.Tensor, fake: torch.Tensor, generator: torch.Generator | None = None
+               ) -> torch.Tensor:
+        """Where to penalise (a leaf tensor that requires grad)."""
+        real, fake = real.detach().float(), fake.detach().float()
+        alpha = torch.rand(len(real), 1, 1, 1, generator=generator, device=real.device)
+        return (real + alpha * (fake - real)).requires_grad_(True)
+
+    def __call__(self, output: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+        """The penalty of one D output computed on ``points`` (differentiable: create_graph)."""
+        grad, = torch.autograd.grad(output.float().sum(), points, create_graph=True)
+        excess = grad.flatten(1).norm(dim=1) - 1
+        if self.one_sided:
+            excess = excess.clamp(min=0)
+        return self.weight * excess.square().mean()
+
+
+class DraganPenalty(GradientPenalty):
+    """DRAGAN: the same two-sided penalty, between the reals and reals perturbed by
+    0.5·std(real)·U[0, 1) noise (std over the whole batch, biased, as ``tf.nn.moments``)."""
+
+    def points(self, real, fake, generator=None):
+        real = real.detach().float()
+        noise = torch.rand(real.shape, generator=generator, device=real.device)
+        perturbed = real + 0.5 * real.var(unbiased=False).sqrt() * noise
+        return super().points(real, perturbed, generator)
+
+
+GAN_TYPES = ('gan', 'lsgan', 'wgan-gp', 'wgan-lp', 'dragan', 'hinge')
+
+
+def gan_objective(gan_type: str, gp_weight: float = 10.0) -> tuple[GANObjective, GradientPenalty | None]:
+    """The objective and gradient penalty (None for gan, lsgan, hinge) of a ``--gan_type``."""
+    objectives = {'gan': (CrossEntropyObjective(), None), 'lsgan': (LSGANObjective(), None),
+                  'wgan-gp': (WassersteinObjective(), GradientPenalty(gp_weight)),
+                  'wgan-lp': (WassersteinObjective(), GradientPenalty(gp_weight, one_sided=True)),
+                  'dragan': (CrossEntropyObjective(), DraganPenalty(gp_weight)),
+                  'hinge': (HingeObjective(), None)}
+    if gan_type not in objectives:
+        raise ValueError(f'gan_type must be one of {GAN_TYPES}, got {gan_type!r}')
+    return objectives[gan_type]
+
+
+class GANLoss:
+    """An objective over a multi-scale critic's outputs: patch logits plus ``cam_weight`` × CAM logits.
+
+    ``cam_weight`` is EN's --cam_D_weight; at 0 or below the CAM terms (and their penalty) are
+    dropped entirely. The patch mask (EN's --seg_D_mask) applies to the patch logits only.
     """
 
-    def __init__(self, cam_weight: float = 1.0) -> None:
+    def __init__(self, cam_weight: float = 1.0, objective: GANObjective | None = None,
+                 penalty: GradientPenalty | None = None) -> None:
         self.cam_weight = cam_weight
+        self.objective = objective or LSGANObjective()
+        self.penalty = penalty
 
-    def __call__(self, outputs: Sequence[DiscriminatorOutput], target: float,
-                 mask: torch.Tensor | None = None) -> torch.Tensor:
+    @property
+    def threshold(self) -> float:
+        return self.objective.threshold
+
+    def _sum(self, role, outputs: Sequence[DiscriminatorOutput], mask: torch.Tensor | None) -> torch.Tensor:
         total = outputs[0].logit.new_zeros((), dtype=torch.float32)
         for out in outputs:
-            total = total + lsgan(out.logit, target, mask)
+            total = total + role(out.logit, mask)
             if self.cam_weight > 0:
-                total = total + self.cam_weight * lsgan(out.cam_logit, target)
+                total = total + self.cam_weight * role(out.cam_logit)
+        return total
+
+    def d_real(self, outputs: Sequence[DiscriminatorOutput], mask: torch.Tensor | None = None) -> torch.Tensor:
+        """D's loss on the critic outputs of real images."""
+        return self._sum(self.objective.d_real, outputs, mask)
+
+    def d_fake(self, outputs: Sequence[DiscriminatorOutput], mask: torch.Tensor | None = None) -> torch.Tensor:
+        """D's loss on the critic outputs of generated (or blurred) images."""
+        return self._sum(self.objective.d_fake, outputs, mask)
+
+    def g(self, outputs: Sequence[DiscriminatorOutput], mask: torch.Tensor | None = None) -> torch.Tensor:
+        """G's adversarial loss on the critic outputs of its translations."""
+        return self._sum(self.objective.g_fake, outputs, mask)
+
+    def gradient_penalty(self, critics: Sequence, real: torch.Tensor, fake: torch.Tensor,
+                         generator: torch.Generator | None = None) -> torch.Tensor:
+        """The penalty summed over every critic (``critics``: callables image -> DiscriminatorOutput)
+        on the patch logit and, weighted by ``cam_weight``, the CAM logit; zero without a penalty."""
+        if self.penalty is None:
+            return real.new_zeros((), dtype=torch.float32)
+        points = self.penalty.points(real, fake, generator)
+        total = 0.0
+        for critic in critics:
+            out = critic(points)
+            total = total + self.penalty(out.logit, points)
+            if self.cam_weight > 0:
+                total = total + self.cam_weight * self.penalty(out.cam_logit, points)
         return total
 
 
@@ -137,6 +336,18 @@ class TotalVariationTerm:
         return total_variation(ctx.fake.image, mask)
 
 
+class PairTerm:
+    """FN's pair loss for paired data (--paired): the translation must equal the paired target image,
+    L1(G_AB(a), b) for A2B and L1(G_BA(b), a) for B2A."""
+
+    def __init__(self, weight: float) -> None:
+        self.weight = weight
+        self.name = 'pair'
+
+    def __call__(self, ctx: DirectionContext) -> torch.Tensor:
+        return l1(ctx.fake.image, ctx.target)
+
+
 class GroupTerm:
     """F2W's group loss, generator side: the target critic must classify G(a) as a's group."""
 
@@ -154,3 +365,33 @@ class GroupTerm:
 def group_classification_loss(outputs: Sequence[DiscriminatorOutput], labels: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of every critic scale's group head against ``labels`` (summed over scales)."""
     return sum(F.cross_entropy(out.group_logit.float(), labels) for out in outputs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Regularisation
+
+
+def kernels(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The conv and dense kernels of a network (the un-normalised ``weight_orig`` under spectral
+    norm): what TF's ``l2_regularizer`` covers. Biases, norm scales and offsets, and ρ are left out."""
+    layers = (torch.nn.Conv2d, torch.nn.ConvTranspose2d, torch.nn.Linear)
+    found = []
+    for layer in module.modules():
+        if isinstance(layer, layers):
+            weight = layer.weight_orig if hasattr(layer, 'weight_orig') else layer.weight
+            if isinstance(weight, torch.nn.Parameter):
+                found.append(weight)
+    return found
+
+
+class KernelL2:
+    """TF's regularisation: weight·Σ w²/2 over the kernels of a network, a loss term (its gradient
+    weight·w equals Adam's coupled weight decay, but on kernels only)."""
+
+    def __init__(self, module: torch.nn.Module, weight: float) -> None:
+        self.params = kernels(module)
+        self.weight = weight
+        self.name = 'l2'
+
+    def __call__(self) -> torch.Tensor:
+        return self.weight * sum(p.float().square().sum() for p in self.params) / 2

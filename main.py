@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import utils
+from losses import GAN_TYPES
 from utils import str2bool
 
 PHASES = ('train', 'test', 'val', 'img_dir', 'generate', 'video', 'video_dir', 'camera')
@@ -105,7 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(model, '--cam_D_attention', True, 'weight D features by its CAM weights (off: EN --cam_D_attention)')
 
     loss = parser.add_argument_group('loss weights')
-    loss.add_argument('--adv_weight', type=float, default=1.0, help='adversarial (LSGAN) weight')
+    loss.add_argument('--adv_weight', type=float, default=1.0, help='adversarial weight (also on the gradient penalty)')
+    loss.add_argument('--gan_type', default='lsgan', choices=GAN_TYPES,
+                      help="adversarial objective on D's patch and CAM logits (TF): lsgan (PT's), gan (sigmoid "
+                      'cross-entropy), wgan-gp, wgan-lp (one-sided penalty), dragan (cross-entropy, penalty '
+                      'around perturbed reals), hinge')
+    loss.add_argument('--GP_ld', type=float, default=10.0,
+                      help='gradient-penalty weight for wgan-gp, wgan-lp and dragan (on logit and CAM logit, TF)')
     loss.add_argument('--cycle_weight', type=float, default=10.0, help='cycle-consistency L1 weight')
     loss.add_argument('--identity_weight', type=float, default=10.0, help='identity L1 weight')
     loss.add_argument('--cam_weight', type=float, default=1000.0, help='generator CAM (BCE) weight')
@@ -116,13 +123,27 @@ def build_parser() -> argparse.ArgumentParser:
     loss.add_argument('--cam_D_weight', type=float, default=1.0, help='D CAM-logit loss weight; <=0 drops it')
     _flag(loss, '--has_blur', False, 'edge-blurred real images as extra fakes for D (EN; generated once)')
     loss.add_argument('--tv_weight', type=float, default=0.0, help='total-variation weight on translations')
+    loss.add_argument('--pair_weight', type=float, default=0.0,
+                      help='pair loss (FN): W·(L1(a, G_BA(b)) + L1(b, G_AB(a))) on paired images; needs --paired True')
 
     optim = parser.add_argument_group('optimisation')
-    optim.add_argument('--iteration', type=int, default=1000000, help='training iterations')
+    optim.add_argument('--iteration', type=int, default=1000000,
+                       help='training iterations (with --epoch: iterations per epoch, as in TF)')
+    optim.add_argument('--epoch', type=int, default=None,
+                       help="TF's schedule: EPOCH epochs of --iteration steps (EPOCH·iteration in all), the LR "
+                       'constant until --decay_epoch, then lr·(EPOCH−e)/(EPOCH−decay_epoch) in epoch e; '
+                       "None: PT's per-step schedule over --iteration steps")
+    optim.add_argument('--decay_epoch', type=int, default=None,
+                       help='with --epoch: first epoch (counted from 0) with a decayed LR; None: EPOCH // 2')
+    optim.add_argument('--n_critic', type=int, default=1,
+                       help='D updates per G update: G is updated on steps 1, 1+N, 1+2N, ... (TF)')
     optim.add_argument('--batch_size', type=int, default=1, help='images per domain per step (per GPU)')
     optim.add_argument('--lr', type=float, default=0.0001, help='Adam learning rate')
-    optim.add_argument('--weight_decay', type=float, default=0.0001, help='Adam (coupled L2) weight decay')
-    _flag(optim, '--decay_flag', True, 'linear LR decay to 0 over the second half')
+    optim.add_argument('--weight_decay', type=float, default=0.0001,
+                       help="Adam (coupled L2) weight decay; with --arch tf TF's loss term weight·Σw²/2 on conv "
+                       'and dense kernels instead')
+    _flag(optim, '--decay_flag', True, "LR decay: linear to 0 over the second half (PT), or TF's per-epoch "
+          'decay with --epoch')
     _flag(optim, '--ema', True, 'keep EMA copies of both generators')
     optim.add_argument('--ema_start', type=float, default=0.5, help='EMA starts averaging after this '
                        'fraction of --iteration (a plain copy before)')
@@ -132,6 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument('--num_workers', type=int, default=min(4, os.cpu_count() or 1),
                       help='data-loading processes (0: in the main process)')
     data.add_argument('--aug_prob', type=float, default=0.0, help='probability of RandomResizedCrop (EN)')
+    data.add_argument('--augment_flag', type=_bool, nargs='?', const=True, default=None, metavar='BOOL',
+                      help="TF's pipeline: resize to img_size, then True: per image with probability 0.5 flip "
+                      '(p 0.5), resize to img_size+30 (+15 unless img_size is 256) and random crop (TF drew '
+                      "this coin once per run); False: nothing more. None: PT's flip, resize +30 and crop")
+    _flag(data, '--paired', False, 'trainA and trainB hold pairs: A and B are drawn by the same file stem '
+          '(relative path without extension) with the same crop and flip')
     _flag(data, '--match_histograms', False, 'match colour histograms between A and B samples (EN)')
     data.add_argument('--match_mode', default='hsl', choices=('hsv', 'hsl', 'rgb'), help='histogram space')
     data.add_argument('--match_prob', type=float, default=0.5, help='probability of matching B to A (else A to B)')
@@ -231,6 +258,8 @@ def validate(cfg: argparse.Namespace) -> None:
         fail('--ema_beta must be in [0, 1) and --ema_start in [0, 1]')
     if cfg.inception_weights and not Path(cfg.inception_weights).is_file():
         fail(f'--inception_weights: {cfg.inception_weights} not found (pt_inception-2015-12-05 .pth file)')
+    _validate_schedule(cfg, fail)
+    _validate_gan(cfg, fail)
     _validate_face(cfg, fail)
     _validate_few_shot(cfg, fail)
     _validate_dataset(cfg)
@@ -240,6 +269,40 @@ def validate(cfg: argparse.Namespace) -> None:
 
 def _fail(message: str) -> None:
     raise utils.UserError(message)
+
+
+def _validate_schedule(cfg, fail) -> None:
+    """--epoch switches to TF's schedule: --iteration becomes steps per epoch (cfg.steps_per_epoch)
+    and cfg.iteration the total, which every step-based rule (EMA start, last save) reads."""
+    if cfg.n_critic < 1:
+        fail(f'--n_critic must be >= 1 (D updates per G update), got {cfg.n_critic}')
+    cfg.steps_per_epoch = None
+    if cfg.epoch is None:
+        if cfg.decay_epoch is not None:
+            fail("--decay_epoch belongs to TF's schedule: give --epoch too (or leave --decay_epoch out)")
+        return
+    if cfg.epoch < 1:
+        fail(f'--epoch must be >= 1, got {cfg.epoch}')
+    if cfg.decay_epoch is None:
+        cfg.decay_epoch = cfg.epoch // 2
+    if not 0 <= cfg.decay_epoch <= cfg.epoch:
+        fail(f'--decay_epoch must be in [0, --epoch {cfg.epoch}], got {cfg.decay_epoch}')
+    cfg.steps_per_epoch = cfg.iteration
+    cfg.iteration = cfg.epoch * cfg.steps_per_epoch
+
+
+def _validate_gan(cfg, fail) -> None:
+    if cfg.GP_ld < 0:
+        fail(f'--GP_ld must be >= 0, got {cfg.GP_ld}')
+    if cfg.gan_type in ('wgan-gp', 'wgan-lp', 'dragan') and (cfg.seg_D_cam_inp_mask or cfg.seg_D_cam_fea_mask):
+        fail(f'--gan_type {cfg.gan_type} cannot be combined with --seg_D_cam_inp_mask/--seg_D_cam_fea_mask '
+             '(the penalty points have no single face mask)')
+    if cfg.pair_weight < 0:
+        fail(f'--pair_weight must be >= 0, got {cfg.pair_weight}')
+    if cfg.pair_weight > 0 and not cfg.paired:
+        fail('--pair_weight needs --paired True (trainA and trainB files paired by name)')
+    if cfg.augment_flag is not None and cfg.aug_prob > 0:
+        fail("--aug_prob (EN's RandomResizedCrop) is part of PT's pipeline; leave it out with --augment_flag")
 
 
 def _validate_face(cfg, fail) -> None:
@@ -278,8 +341,10 @@ def _validate_dataset(cfg) -> None:
     if not splits:
         return
     root = dataset.resolve_dataset_root(cfg.dataset)
-    for split in splits:
-        dataset.domain_images(root, split, cfg.groups if split.startswith('train') else None)
+    found = {split: dataset.domain_images(root, split, cfg.groups if split.startswith('train') else None)[0]
+             for split in splits}
+    if cfg.paired and cfg.phase == 'train':
+        dataset.pair_by_stem(root, found['trainA'], found['trainB'])
 
 
 def _validate_phase(cfg, fail) -> None:

@@ -145,16 +145,21 @@ class UGATIT:
             self.D.to(memory_format=torch.channels_last)
         self.G_optim = self._adam(self.G.parameters())
         self.D_optim = self._adam(self.D.parameters())
+        self.regularisers = self._build_regularisers()
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == 'fp16')
         self.rho_clipper = RhoClipper(0, 1)
-        self.gan_loss = L.GANLoss(cam_weight=cfg.cam_D_weight)
+        objective, penalty = L.gan_objective(cfg.gan_type, cfg.GP_ld)
+        self.gan_loss = L.GANLoss(cam_weight=cfg.cam_D_weight, objective=objective, penalty=penalty)
         self.adv_weight = {'A2B': cfg.adv_weight * cfg.forward_adv_weight,
                            'B2A': cfg.adv_weight * cfg.backward_adv_weight}
         self.ema = self._build_ema()
         self.ada = self._build_ada()
-        # ADA's draws come from their own generator, reseeded from (seed, rank, step) every step, so a
-        # resumed run augments exactly as an unbroken one (DataLoader start-up also draws globally).
-        self.ada_rng = torch.Generator(device=self.device) if self.ada is not None else None
+        # ADA's and the gradient penalty's draws come from their own generators, reseeded from (seed, rank,
+        # step) every step, so a resumed run draws exactly as an unbroken one (DataLoader start-up also
+        # draws globally).
+        self.step_rngs = {name: torch.Generator(device=self.device) for name, wanted in
+                          (('ada', self.ada is not None), ('penalty', penalty is not None)) if wanted}
+        self.ada_rng = self.step_rngs.get('ada')
         self.segmenter = self._build_segmenter()
         self.g_terms = self._build_generator_terms()
         self.frozen_on_other_groups = self._selective_backprop_params()
@@ -164,8 +169,14 @@ class UGATIT:
 
     def _adam(self, params) -> torch.optim.Adam:
         fast = {'fused': True} if self.device.type == 'cuda' else {'foreach': True}
-        return torch.optim.Adam(params, lr=self.cfg.lr, betas=(0.5, 0.999), weight_decay=self.cfg.weight_decay,
-                                **fast)
+        weight_decay = 0.0 if uses_kernel_l2(self.cfg) else self.cfg.weight_decay
+        return torch.optim.Adam(params, lr=self.cfg.lr, betas=(0.5, 0.999), weight_decay=weight_decay, **fast)
+
+    def _build_regularisers(self) -> dict[str, list[L.KernelL2]]:
+        """TF's L2 loss term on each network's kernels (--arch tf), in place of Adam's weight decay."""
+        if not uses_kernel_l2(self.cfg):
+            return {'G': [], 'D': []}
+        return {'G': [L.KernelL2(self.G, self.cfg.weight_decay)], 'D': [L.KernelL2(self.D, self.cfg.weight_decay)]}
 
     def _build_ema(self) -> dict[str, utils.EMA] | None:
         if not self.cfg.ema:
@@ -181,7 +192,8 @@ class UGATIT:
         cfg = self.cfg
         return {dom: augment.AdaController(
             augment.AugmentPipe(cfg.ada_pipeline, p=cfg.ada_p).to(self.device), target=cfg.ada_target,
-            interval=cfg.ada_interval, kimg=cfg.ada_kimg, batch_size=cfg.batch_size * self.dist.world_size)
+            interval=cfg.ada_interval, kimg=cfg.ada_kimg, batch_size=cfg.batch_size * self.dist.world_size,
+            threshold=self.gan_loss.threshold)
             for dom in 'AB'}
 
     def _build_segmenter(self):
@@ -204,6 +216,8 @@ class UGATIT:
             terms.append(L.BackgroundL1Term(cfg.seg_fix_weight))
         if cfg.tv_weight > 0:
             terms.append(L.TotalVariationTerm(cfg.tv_weight))
+        if cfg.pair_weight > 0:
+            terms.append(L.PairTerm(cfg.pair_weight))
         if cfg.use_grouploss:
             terms.append(L.GroupTerm(cfg.group_weight, 'A2B'))
         return terms
@@ -233,12 +247,17 @@ class UGATIT:
     # -- schedule ----------------------------------------------------------------------------------
 
     def lr_at(self, step: int) -> float:
-        """PT's schedule as a pure function: constant, then linear to 0 over the second half."""
+        """The learning rate of ``step``, a pure function of it (so a resumed run matches)."""
         cfg = self.cfg
-        half = cfg.iteration // 2
-        if not cfg.decay_flag or step <= half:
+        if not cfg.decay_flag:
             return cfg.lr
-        return cfg.lr * max(0.0, 1.0 - (step - half) / (cfg.iteration - half))
+        if cfg.epoch is None:
+            return pt_lr(step, cfg.lr, cfg.iteration)
+        return tf_epoch_lr(step, cfg.lr, cfg.epoch, cfg.steps_per_epoch, cfg.decay_epoch)
+
+    def is_generator_step(self, step: int) -> bool:
+        """TF's --n_critic rule: G is updated on steps 1, 1 + n_critic, 1 + 2·n_critic, ..."""
+        return (step - 1) % self.cfg.n_critic == 0
 
     def _set_lr(self, lr: float) -> None:
         for optim in (self.G_optim, self.D_optim):
@@ -316,17 +335,29 @@ class UGATIT:
         """One full iteration; returns detached loss tensors (no host sync)."""
         batch = self._prepare(batch)
         self._set_lr(self.lr_at(step))
-        if self.ada_rng is not None:
-            self.ada_rng.manual_seed(data.derive_seed(self.cfg.seed, 'ada', self.dist.rank, step))
+        for name, rng in self.step_rngs.items():
+            rng.manual_seed(data.derive_seed(self.cfg.seed, name, self.dist.rank, step))
         masks = self.segment(batch)
         self.G.train()
+        generator_step = self.is_generator_step(step)
         with self.autocast():
-            translations = self.generate(batch)
+            translations = self.generate(batch) if generator_step else None
+            fakes = self.fakes(batch, translations)
         logs: dict[str, torch.Tensor] = {}
-        self.d_step(batch, translations, masks, logs)
-        self.g_step(batch, translations, masks, logs, step)
-        self.after_step(step)
+        self.d_step(batch, fakes, masks, logs)
+        if generator_step:
+            self.g_step(batch, translations, masks, logs, step)
+        self.after_step(step, generator_step)
         return logs
+
+    def fakes(self, batch: dict[str, torch.Tensor], translations: dict[str, Translation] | None
+              ) -> dict[str, torch.Tensor]:
+        """Detached G(source) per direction for the D step: taken from the step's translations, or,
+        on critic-only steps (--n_critic), computed alone without autograd."""
+        if translations is not None:
+            return {name: t.fake.image.detach() for name, t in translations.items()}
+        with torch.no_grad():
+            return {d.name: self.G_run[d.name](batch[d.source]).image for d in DIRECTIONS}
 
     @torch.no_grad()
     def segment(self, batch: dict[str, torch.Tensor]) -> dict | None:
@@ -341,14 +372,14 @@ class UGATIT:
     def _patch_mask(self, masks: dict | None, domain: str) -> torch.Tensor | None:
         return self._seg_face(masks, domain) if self.cfg.seg_D_mask else None
 
-    def d_step(self, batch, translations, masks, logs) -> None:
+    def d_step(self, batch, fakes, masks, logs) -> None:
         """Discriminators on real vs detached fake (and blurred) images of each target domain."""
         self.D_optim.zero_grad(set_to_none=True)
         self.D.requires_grad_(True)
         total = 0.0
         for d in DIRECTIONS:
             src, tgt = d.source, d.target
-            images = [batch[tgt], translations[d.name].fake.image.detach()]
+            images = [batch[tgt], fakes[d.name]]
             image_masks = [self._seg_face(masks, tgt), self._seg_face(masks, src)]
             if f'blur_{tgt}' in batch:
                 images.append(batch[f'blur_{tgt}'])
@@ -356,19 +387,24 @@ class UGATIT:
             with self.autocast():
                 outs = self.critic(tgt, images, self._critic_masks(image_masks, images), update_sn=True)
             real, fake, *blurred = outs
-            loss = (self.gan_loss(real, 1.0, self._patch_mask(masks, tgt))
-                    + self.gan_loss(fake, 0.0, self._patch_mask(masks, src))
-                    + sum(self.gan_loss(b, 0.0) for b in blurred))
+            loss = (self.gan_loss.d_real(real, self._patch_mask(masks, tgt))
+                    + self.gan_loss.d_fake(fake, self._patch_mask(masks, src))
+                    + sum(self.gan_loss.d_fake(b) for b in blurred))
+            if self.gan_loss.penalty is not None:   # inside the adversarial weight, as in TF
+                penalty = self._gradient_penalty(tgt, batch[tgt], fakes[d.name])
+                logs[f'D/gp_{tgt}'] = penalty.detach()
+                loss = loss + penalty
             loss = self.adv_weight[d.name] * loss
             if real[0].group_logit is not None:
                 group = self.cfg.adv_weight * L.group_classification_loss(real, batch[f'group_{tgt}'])
                 logs[f'D/group_{tgt}'] = group.detach()
                 loss = loss + group
             logs[f'D/adv_{tgt}'] = loss.detach()
-            logs[f'D/real_acc_{tgt}'] = (real[0].logit.detach() > 0.5).float().mean()  # global D, LSGAN 0/1
+            logs[f'D/real_acc_{tgt}'] = (real[0].logit.detach() > self.gan_loss.threshold).float().mean()  # global D
             if self.ada is not None:
                 self.ada[tgt].observe(real[0].logit.detach())
             total = total + loss
+        total = total + self._regularisation('D', logs)
         logs['D/total'] = total.detach()
         self.scaler.scale(total).backward()
         self.scaler.step(self.D_optim)
@@ -390,7 +426,7 @@ class UGATIT:
                 critic = self.critic(tgt, [fake], self._critic_masks([source_face], [fake]),
                                      distributed=False)[0]
             terms = {
-                'adv': self.adv_weight[d.name] * self.gan_loss(critic, 1.0, self._patch_mask(masks, src)),
+                'adv': self.adv_weight[d.name] * self.gan_loss.g(critic, self._patch_mask(masks, src)),
                 'cycle': cfg.cycle_weight * L.l1(out.cycle, batch[src]),
                 'identity': cfg.identity_weight * L.l1(out.identity.image, batch[tgt]),
                 'cam': cfg.cam_weight * L.generator_cam_loss(out.fake.cam_logit, out.identity.cam_logit),
@@ -402,6 +438,7 @@ class UGATIT:
             for name, value in terms.items():
                 logs[f'G/{name}_{d.name}'] = value.detach()
             total = total + sum(terms.values())
+        total = total + self._regularisation('G', logs)
         logs['G/total'] = total.detach()
         self.scaler.scale(total).backward()
         if self.frozen_on_other_groups and not self._is_base_group_step(batch):
@@ -410,15 +447,33 @@ class UGATIT:
         self.scaler.step(self.G_optim)
         self.scaler.update()
 
+    def _gradient_penalty(self, domain: str, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+        """--gan_type wgan-gp/wgan-lp/dragan: the penalty of both critics of ``domain``. The raw
+        networks run without a power iteration (once per step is the D step's), ADA or masks
+        (validation rules the D masks out; ADA's warps have no double backward)."""
+        critics = [self.D[domain][scale].train(False) for scale in ('G', 'L')]
+        with self.autocast():
+            return self.gan_loss.gradient_penalty(critics, real, fake, self.step_rngs['penalty'])
+
+    def _regularisation(self, network: str, logs: dict) -> torch.Tensor | float:
+        """The active L2 loss terms of 'G' or 'D' (TF's, under --arch tf), logged as '<network>/l2'."""
+        total = 0.0
+        for term in self.regularisers[network]:
+            value = term()
+            logs[f'{network}/{term.name}'] = value.detach()
+            total = total + value
+        return total
+
     def _is_base_group_step(self, batch) -> bool:
         # Selective backprop needs whole-batch groups; validation enforces round-robin sampling.
         return int(batch['group_A'][0]) == self.cfg.base_group
 
     @torch.no_grad()
-    def after_step(self, step: int) -> None:
-        """ρ clipping, EMA and ADA's strength update."""
-        self.G.apply(self.rho_clipper)
-        if self.ema is not None:
+    def after_step(self, step: int, generator_updated: bool = True) -> None:
+        """ρ clipping and EMA (after a G update only), and ADA's strength update."""
+        if generator_updated:
+            self.G.apply(self.rho_clipper)
+        if self.ema is not None and generator_updated:
             for name, ema in self.ema.items():
                 ema.update(self.G[name], step)
         if self.ada is not None:
@@ -638,7 +693,7 @@ class UGATIT:
             pin_memory=self.device.type == 'cuda', aug_prob=cfg.aug_prob,
             match_histograms=cfg.match_histograms, match_mode=cfg.match_mode, match_prob=cfg.match_prob,
             match_ratio=cfg.match_ratio, blur_root=self._blur_root(),
-            groups=cfg.groups, group_sampling=cfg.group_sampling)
+            groups=cfg.groups, group_sampling=cfg.group_sampling, augment_flag=cfg.augment_flag, paired=cfg.paired)
 
     def _blur_root(self) -> Path | None:
         """EN's --has_blur: edge-blurred copies of the training images, generated once and cached."""
@@ -729,6 +784,28 @@ class UGATIT:
                 self.save(self.best_path)
                 self.log(f'step {step}: new best mean FID {score:.3f} -> {self.best_path}')
         self.dist.barrier()
+
+
+def uses_kernel_l2(cfg) -> bool:
+    """--arch tf regularises as TF does: an L2 loss term on kernels instead of Adam's weight decay."""
+    return getattr(cfg, 'arch', 'pt') == 'tf'
+
+
+def pt_lr(step: int, lr: float, iterations: int) -> float:
+    """PT's decay: constant for the first half, then linear to 0 at the last step."""
+    half = iterations // 2
+    if step <= half:
+        return lr
+    return lr * max(0.0, 1.0 - (step - half) / (iterations - half))
+
+
+def tf_epoch_lr(step: int, lr: float, epochs: int, steps_per_epoch: int, decay_epoch: int) -> float:
+    """TF's decay (--epoch): in epoch e = (step − 1) // steps_per_epoch (from 0), lr for
+    e < decay_epoch, then lr·(epochs − e)/(epochs − decay_epoch), constant within the epoch."""
+    epoch = (step - 1) // steps_per_epoch
+    if epoch < decay_epoch:
+        return lr
+    return lr * max(0.0, (epochs - epoch) / (epochs - decay_epoch))
 
 
 def _step_of(path: Path) -> int:

@@ -41,7 +41,7 @@ def reference_train_step(trainer: UGATIT, batch: dict[str, torch.Tensor], step: 
     for domain, real, fake, direction in (('A', real_A, fake_B2A, 'B2A'), ('B', real_B, fake_A2B, 'A2B')):
         real_out = _critic(trainer, domain, real, first=True)
         fake_out = _critic(trainer, domain, fake, first=False)
-        d_loss = d_loss + trainer.adv_weight[direction] * (gan(real_out, 1.0) + gan(fake_out, 0.0))
+        d_loss = d_loss + trainer.adv_weight[direction] * (gan.d_real(real_out) + gan.d_fake(fake_out))
     d_loss.backward()
     trainer.D_optim.step()
 
@@ -54,7 +54,7 @@ def reference_train_step(trainer: UGATIT, batch: dict[str, torch.Tensor], step: 
     for direction, fake, idt, rec, source, target in (('A2B', fake_A2B, idt_B, rec_A, real_A, real_B),
                                                        ('B2A', fake_B2A, idt_A, rec_B, real_B, real_A)):
         critic = _critic(trainer, direction[-1], fake.image, first=False)
-        g_loss = g_loss + (trainer.adv_weight[direction] * gan(critic, 1.0)
+        g_loss = g_loss + (trainer.adv_weight[direction] * gan.g(critic)
                            + cfg.cycle_weight * L.l1(rec, source)
                            + cfg.identity_weight * L.l1(idt.image, target)
                            + cfg.cam_weight * L.generator_cam_loss(fake.cam_logit, idt.cam_logit))

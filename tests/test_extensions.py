@@ -55,9 +55,9 @@ def test_split_adversarial_weights_scale_their_direction_only(tiny_dataset, tmp_
 def test_cam_d_weight_scales_and_drops_cam_terms():
     from networks import DiscriminatorOutput
     out = [DiscriminatorOutput(torch.full((1, 1, 2, 2), 0.5), torch.tensor([[2.0, 0.0]]), torch.zeros(1))]
-    assert losses.GANLoss(1.0)(out, 1.0).item() == pytest.approx(0.25 + (1 + 1) / 2)
-    assert losses.GANLoss(3.0)(out, 1.0).item() == pytest.approx(0.25 + 3 * (1 + 1) / 2)
-    assert losses.GANLoss(-1.0)(out, 1.0).item() == pytest.approx(0.25)
+    assert losses.GANLoss(1.0).d_real(out).item() == pytest.approx(0.25 + (1 + 1) / 2)
+    assert losses.GANLoss(3.0).d_real(out).item() == pytest.approx(0.25 + 3 * (1 + 1) / 2)
+    assert losses.GANLoss(-1.0).d_real(out).item() == pytest.approx(0.25)
 
 
 def test_lsgan_mask_zeroes_background_patches():
