@@ -15,6 +15,7 @@ import math
 import os
 import struct
 import warnings
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -187,7 +188,7 @@ def pair_by_stem(root: Path, paths_a: Sequence[Path], paths_b: Sequence[Path]) -
     index_b = {stem: i for i, stem in enumerate(stems_b)}
     for name, stems in (('trainA', stems_a), ('trainB', stems_b)):
         if len(set(stems)) != len(stems):
-            twice = sorted({s for s in stems if stems.count(s) > 1})
+            twice = sorted(s for s, n in Counter(stems).items() if n > 1)
             raise DatasetError(f'--paired True: {name} has several files per name ({_listed(twice)}); '
                                'keep one image per name')
     only_a, only_b = sorted(set(stems_a) - set(index_b)), sorted(set(index_b) - set(stems_a))

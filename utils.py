@@ -174,23 +174,27 @@ def config_to_dict(cfg) -> dict:
 
 
 class LossMeter:
-    """Running sums of loss tensors kept on the device; one host sync per flush."""
+    """Running sums of loss tensors kept on the device; one host sync per flush.
+
+    Each key is averaged over the steps that logged it (with --n_critic > 1 the G losses exist
+    only on generator steps).
+    """
 
     def __init__(self) -> None:
         self.sums: dict[str, torch.Tensor] = {}
-        self.count = 0
+        self.counts: dict[str, int] = {}
 
     def add(self, logs: dict[str, torch.Tensor]) -> None:
         for key, value in logs.items():
             value = value.detach().float()
             self.sums[key] = self.sums[key] + value if key in self.sums else value.clone()
-        self.count += 1
+            self.counts[key] = self.counts.get(key, 0) + 1
 
     def flush(self) -> dict[str, float]:
         """Interval means as floats (a single device→host copy), then reset."""
-        if not self.count:
+        if not self.sums:
             return {}
         keys = list(self.sums)
-        values = (torch.stack([self.sums[k] for k in keys]) / self.count).cpu().tolist()
-        self.sums, self.count = {}, 0
+        values = torch.stack([self.sums[k] / self.counts[k] for k in keys]).cpu().tolist()
+        self.sums, self.counts = {}, {}
         return dict(zip(keys, values))
