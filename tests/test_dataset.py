@@ -406,3 +406,71 @@ def test_test_loader_names_and_order(tmp_path: Path) -> None:
     assert colour_of(images)[:2] == [COLOURS[2], COLOURS[0]]
     with pytest.raises(ds.DatasetError, match='missing'):
         ds.build_test_loader(tmp_path / 'missing', 8)
+
+
+# ---------------------------------------------------------------------------------------------------
+# TF's pipeline (--augment_flag) and paired data (--paired)
+
+
+def _gradient_image(size: int = 20) -> Image.Image:
+    gradient = np.tile(np.arange(0, 12 * size, 12, dtype=np.uint8), (size, 1))
+    return Image.fromarray(np.stack([gradient, gradient.T, np.full_like(gradient, 9)], axis=-1))
+
+
+def test_tf_transform_without_augmentation_is_a_resize() -> None:
+    img = _gradient_image()
+    out = ds.train_transform(16, augment_flag=False)(img, torch.Generator().manual_seed(0))
+    assert torch.equal(out, ds.test_transform(16)(img))
+
+
+def test_tf_transform_augments_half_the_images_with_flip_resize_crop() -> None:
+    """Augmented outputs equal a 16×16 crop of the (maybe flipped) 16-px image resized to 31 (s+15)."""
+    img = _gradient_image()
+    plain = ds.test_transform(16)(img)
+    small = img.resize((16, 16), Image.BILINEAR)
+    transform, augmented, flips = ds.train_transform(16, augment_flag=True), 0, 0
+    for seed in range(40):
+        out = transform(img, torch.Generator().manual_seed(seed))
+        if torch.equal(out, plain):
+            continue
+        augmented += 1
+        found = set()
+        for flipped in (False, True):
+            source = small.transpose(Image.FLIP_LEFT_RIGHT) if flipped else small
+            big = ds.test_transform(31)(source)
+            found |= {flipped for top in range(16) for left in range(16)
+                      if torch.equal(big[:, top:top + 16, left:left + 16], out)}
+        assert len(found) == 1, seed
+        flips += found.pop()
+    assert 10 <= augmented <= 30 and 0 < flips < augmented   # a coin per image, not one per run
+    assert ds.TFTrainTransform(256, True).augment_size == 286 and ds.TFTrainTransform(128, True).augment_size == 143
+
+
+def _paired_folders(root: Path, names: list[str]) -> None:
+    """trainA and trainB hold the same images under the same names (B as .bmp, A as .png)."""
+    for i, name in enumerate(names):
+        image = _gradient_image().rotate(90 * i)
+        (root / 'trainA' / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / 'trainB' / name).parent.mkdir(parents=True, exist_ok=True)
+        image.save(root / 'trainA' / f'{name}.png')
+        image.save(root / 'trainB' / f'{name}.bmp')
+
+
+@pytest.mark.parametrize('augment_flag', [None, True])
+def test_paired_stream_draws_same_stem_same_crop_and_flip(tmp_path: Path, augment_flag) -> None:
+    _paired_folders(tmp_path, ['x', 'y', 'sub/z', 'w'])
+    kwargs = dict(img_size=16, batch_size=2, seed=3, augment_flag=augment_flag)
+    for batch in take(ds.build_train_stream(tmp_path, paired=True, **kwargs), 6):
+        assert torch.equal(batch['A'], batch['B'])   # same file content, same draws
+    unpaired = take(ds.build_train_stream(tmp_path, **kwargs), 6)
+    assert not all(torch.equal(b['A'], b['B']) for b in unpaired)
+
+
+def test_pair_by_stem_orders_b_like_a_and_reports_mismatches(tmp_path: Path) -> None:
+    a = [tmp_path / 'trainA' / n for n in ('k.png', 'sub/m.png', 'z.jpg')]
+    b = [tmp_path / 'trainB' / n for n in ('z.png', 'k.bmp', 'sub/m.jpg')]
+    assert ds.pair_by_stem(tmp_path, a, b) == [1, 2, 0]
+    with pytest.raises(ds.DatasetError, match=r'only in trainA: sub/m, z; only in trainB: none'):
+        ds.pair_by_stem(tmp_path, a, b[1:2])
+    with pytest.raises(ds.DatasetError, match='trainB has several files per name'):
+        ds.pair_by_stem(tmp_path, a[:1], b[1:2] + [tmp_path / 'trainB' / 'k.png'])

@@ -119,6 +119,20 @@ def test_resume_after_kill_equals_unbroken_run(tiny_dataset, tmp_path):
     _assert_same_state(_final_weights(straight, 4), _final_weights(broken, 4))
 
 
+def test_resume_with_critic_steps_penalty_and_epochs_equals_unbroken_run(tiny_dataset, tmp_path):
+    """Resume after the step-2 checkpoint: step 3 is critic-only (n_critic 3), the penalty draws its
+    points, and TF's epoch schedule decays the LR; the result equals an unbroken run bit for bit."""
+    flags = ('--epoch', '2', '--iteration', '2', '--decay_epoch', '1', '--n_critic', '3', '--gan_type', 'dragan',
+             '--save_freq', '2')
+    straight = tmp_path / 'straight'
+    assert _run(tiny_dataset, straight, *flags) == 0
+    broken = tmp_path / 'broken'
+    assert _run(tiny_dataset, broken, *flags) == 0
+    (broken / 'tiny' / 'model' / 'tiny_params_0000004.pt').unlink()
+    assert _run(tiny_dataset, broken, *flags, '--resume', 'True') == 0
+    _assert_same_state(_final_weights(straight, 4), _final_weights(broken, 4))
+
+
 def test_real_kill_9_mid_run_then_resume_equals_unbroken_run(tiny_dataset, tmp_path):
     """SIGKILL a real training process at an arbitrary moment after its first checkpoint."""
     import subprocess
