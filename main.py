@@ -131,10 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help='training iterations (with --epoch: iterations per epoch, as in TF)')
     optim.add_argument('--epoch', type=int, default=None,
                        help="TF's schedule: EPOCH epochs of --iteration steps (EPOCH·iteration in all), the LR "
-                       'constant until --decay_epoch, then lr·(EPOCH−e)/(EPOCH−decay_epoch) in epoch e; '
-                       "None: PT's per-step schedule over --iteration steps")
+                       'constant until --decay_epoch, then lr·(EPOCH−e)/(EPOCH−decay_epoch) in epoch e (TF runs '
+                       "--epoch 100 --iteration 10000); None: PT's per-step schedule over --iteration steps")
     optim.add_argument('--decay_epoch', type=int, default=None,
-                       help='with --epoch: first epoch (counted from 0) with a decayed LR; None: EPOCH // 2')
+                       help='with --epoch: the epoch (from 0) where the decay formula starts; None: EPOCH // 2')
     optim.add_argument('--n_critic', type=int, default=1,
                        help='D updates per G update: G is updated on steps 1, 1+N, 1+2N, ... (TF)')
     optim.add_argument('--batch_size', type=int, default=1, help='images per domain per step (per GPU)')
@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
           'decay with --epoch')
     _flag(optim, '--ema', True, 'keep EMA copies of both generators')
     optim.add_argument('--ema_start', type=float, default=0.5, help='EMA starts averaging after this '
-                       'fraction of --iteration (a plain copy before)')
+                       'fraction of the training steps (a plain copy before)')
     optim.add_argument('--ema_beta', type=float, default=0.9999, help='EMA decay')
 
     data = parser.add_argument_group('data')
