@@ -144,7 +144,7 @@ def test_paired_training_rejects_mismatched_stems(paired_dataset, tmp_path, caps
     (('--n_critic', '0'), '--n_critic'),
     (('--GP_ld', '-1'), '--GP_ld'),
     (('--epoch', '3', '--decay_epoch', '4'), '--decay_epoch'),
-    (('--decay_epoch', '2'), 'give --epoch'),
+    (('--decay_epoch', '2'), 'without --epoch'),
     (('--epoch', '0'), '--epoch'),
     (('--pair_weight', '1'), '--paired True'),
     (('--pair_weight', '-1', '--paired', 'True'), '--pair_weight'),
