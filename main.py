@@ -14,6 +14,7 @@ import utils
 from losses import GAN_TYPES, PENALTY_GAN_TYPES
 from utils import str2bool
 
+TF_ITERATIONS_PER_EPOCH = 10000   # TF's --iteration default (its --epoch 100 makes PT's 1M steps)
 PHASES = ('train', 'test', 'val', 'img_dir', 'generate', 'video', 'video_dir', 'camera')
 
 
@@ -141,8 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help='training iterations (with --epoch: iterations per epoch, as in TF)')
     optim.add_argument('--epoch', type=int, default=None,
                        help="TF's schedule: EPOCH epochs of --iteration steps (EPOCH·iteration in all), the LR "
-                       'constant until --decay_epoch, then lr·(EPOCH−e)/(EPOCH−decay_epoch) in epoch e (TF runs '
-                       "--epoch 100 --iteration 10000); None: PT's per-step schedule over --iteration steps")
+                       'constant until --decay_epoch, then lr·(EPOCH−e)/(EPOCH−decay_epoch) in epoch e; '
+                       "--iteration not given: TF's 10000; None: PT's per-step schedule over --iteration steps")
     optim.add_argument('--decay_epoch', type=int, default=None,
                        help='with --epoch: the epoch (from 0) where the decay formula starts; None: EPOCH // 2')
     optim.add_argument('--n_critic', type=int, default=1,
@@ -314,6 +315,8 @@ def _validate_schedule(cfg, fail) -> None:
         return
     if cfg.epoch < 1:
         fail(f'--epoch must be >= 1, got {cfg.epoch}')
+    if 'iteration' not in cfg.explicit:
+        cfg.iteration = TF_ITERATIONS_PER_EPOCH
     if cfg.decay_epoch is None:
         cfg.decay_epoch = cfg.epoch // 2
     if not 0 <= cfg.decay_epoch <= cfg.epoch:

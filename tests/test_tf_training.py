@@ -68,6 +68,8 @@ def test_epoch_schedule_is_tfs(tiny_dataset, tmp_path):
     default = tiny_trainer(tiny_dataset, tmp_path, '--epoch', '4', '--iteration', '2')
     assert default.cfg.decay_epoch == 2   # TF: 100 epochs, decay from 50
     assert (default.lr_at(6), default.lr_at(7)) == pytest.approx((1e-4, 1e-4 * (4 - 3) / (4 - 2)))
+    tf_default = main.parse_args(tiny_flags(tiny_dataset, tmp_path / 'out', '--epoch', '3'))
+    assert (tf_default.steps_per_epoch, tf_default.iteration) == (10000, 30000)   # TF's --iteration 10000
     flat = tiny_trainer(tiny_dataset, tmp_path, '--epoch', '4', '--iteration', '2', '--decay_flag', 'False')
     assert {flat.lr_at(s) for s in range(1, 9)} == {1e-4}
 
