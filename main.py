@@ -47,7 +47,7 @@ def _groups(value: str) -> list[int]:
 
 # The bare form of these flags switched the feature OFF in enhanced-U-GAT-IT (store_false) but
 # means on everywhere here; taking either meaning silently would mis-run somebody's command line.
-BARE = 'bare'
+BARE = object()   # not a string: argparse would pass a string const through ``type``
 
 
 def _flag(group, name: str, default: bool, help: str, *aliases: str, bare: bool = True) -> None:
@@ -238,7 +238,7 @@ def validate(cfg: argparse.Namespace) -> None:
         if getattr(cfg, name) < 1:
             fail(f'--{name} must be >= 1, got {getattr(cfg, name)}')
     for flag in ('sn', 'cam_D_attention'):
-        if getattr(cfg, flag) == BARE:
+        if getattr(cfg, flag) is BARE:
             fail(f'--{flag} needs a value, --{flag} True or --{flag} False (in enhanced-U-GAT-IT a bare --{flag} '
                  f'turned it OFF; here a bare flag would mean on, so say which you mean)')
     if cfg.n_dis != 6 and (cfg.n_global_dis is not None or cfg.n_local_dis is not None):
@@ -248,7 +248,7 @@ def validate(cfg: argparse.Namespace) -> None:
     for flag, layers in (('--n_global_dis', cfg.n_global_dis), ('--n_local_dis', cfg.n_local_dis)):
         if layers < 3:
             fail(f'{flag} must be >= 3, got {layers}')
-        if cfg.img_size < min_image_size(layers):
+        if cfg.phase == 'train' and cfg.img_size < min_image_size(layers):   # inference builds no D
             fail(f'--img_size {cfg.img_size} is too small for a {layers}-layer discriminator ({flag}); it needs '
                  f'--img_size >= {min_image_size(layers)}, or pass a smaller {flag} '
                  f'(e.g. --n_global_dis 5 --n_local_dis 4 at 64 px)')
