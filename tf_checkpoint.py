@@ -448,12 +448,18 @@ def _build_block(records: list[tuple[bytes, bytes]], restart_interval: int) -> b
     return bytes(out) + struct.pack(f'<{len(restarts)}I', *restarts) + struct.pack('<I', len(restarts))
 
 
+def _encode_block(contents: bytes) -> tuple[bytes, int]:
+    """Blocks are stored uncompressed, as TF's BundleWriter does (tests swap in Snappy)."""
+    return contents, NO_COMPRESSION
+
+
 def _build_table(records: list[tuple[bytes, bytes]], block_size: int, restart_interval: int) -> bytes:
     table = bytearray()
 
     def add_block(contents: bytes) -> bytes:
+        contents, kind = _encode_block(contents)
         handle = _put_varint(len(table)) + _put_varint(len(contents))
-        trailer = bytes([NO_COMPRESSION])
+        trailer = bytes([kind])
         table.extend(contents + trailer + struct.pack('<I', mask_crc(crc32c(contents + trailer))))
         return handle
 

@@ -27,6 +27,8 @@ import dataset as data
 import losses as L
 import utils
 from networks import (
+    PT,
+    Arch,
     Discriminator,
     DiscriminatorOutput,
     GeneratorOutput,
@@ -67,11 +69,19 @@ class Translation:
 # Building blocks
 
 
+def network_arch(cfg) -> Arch:
+    """The official graph the config asks for (configs from before --arch mean PT)."""
+    if getattr(cfg, 'arch', 'pt') != 'tf':
+        return PT
+    return Arch('tf', cfg.tf_graph or 'current', bool(cfg.smoothing))
+
+
 def build_generator(cfg) -> ResnetGenerator:
     """A generator as the flags describe it (plain arguments; networks never see the config)."""
     return ResnetGenerator(cfg.img_ch, cfg.img_ch, ngf=cfg.ch, n_blocks=cfg.n_res, img_size=cfg.img_size,
                            light=cfg.light, use_se=cfg.use_se, attention_gan=cfg.attention_gan,
-                           attention_input=cfg.attention_input, use_deconv=cfg.use_deconv)
+                           attention_input=cfg.attention_input, use_deconv=cfg.use_deconv,
+                           arch=network_arch(cfg))
 
 
 def build_critic(cfg, domain: str) -> nn.ModuleDict:
@@ -80,7 +90,7 @@ def build_critic(cfg, domain: str) -> nn.ModuleDict:
     n_groups = max(cfg.groups) + 1 if n_groups else 0
     make = lambda n: Discriminator(cfg.img_ch, ndf=cfg.ch, n_layers=n, sn=cfg.sn,  # noqa: E731
                                    cam_attention=cfg.cam_D_attention and cfg.cam_D_weight > 0,
-                                   n_groups=n_groups)
+                                   n_groups=n_groups, arch=network_arch(cfg))
     return nn.ModuleDict({'G': make(cfg.n_global_dis), 'L': make(cfg.n_local_dis)})
 
 

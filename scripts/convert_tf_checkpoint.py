@@ -1,0 +1,350 @@
+"""Convert an official TensorFlow U-GAT-IT checkpoint (taki0112/UGATIT) into this project's format.
+
+    python scripts/convert_tf_checkpoint.py CKPT OUT.pt [--smoothing True|False] [--img_size N]
+
+CKPT is a checkpoint prefix (``.../UGATIT.model-1000000``, the part before ``.index``) or its
+folder (the newest one its ``checkpoint`` file names). TensorFlow is not needed. The model is
+inferred from the variables: light or full, ``ch``, the image size (full model: from the MLP's
+input; a light model does not record it, so ``--img_size``, TF's default 256), the
+discriminator depths and spectral norm, and the TF graph version (the 2019-08-15 code, which
+the released selfie2anime checkpoints come from, has ``CAM_logit/dense/*`` in the generators).
+``--smoothing`` is not recorded in a checkpoint: pass the value the model was trained with (TF's
+default True; the released models use it). Optimizer slots (``…/Adam``, ``…/Adam_1``,
+``beta1_power…``) are ignored. Generators alone are enough; the four discriminators are converted
+when present (needed to fine-tune). Unknown or missing variables stop the conversion with one
+message listing them.
+
+OUT.pt holds PT's keys genA2B/genB2A (+ disGA/disGB/disLA/disLB), the architecture config
+(``arch`` 'tf', ``tf_graph``, ``smoothing``, ``light``, ``ch``, ``img_size``, …) and ``step`` 0,
+so ``python main.py --phase test|img_dir|video --checkpoint OUT.pt`` needs no model flag.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+if __package__ in (None, ''):  # run as a file: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import utils  # noqa: E402
+from tf_checkpoint import CheckpointError, TFCheckpoint  # noqa: E402
+
+OPTIMIZER_SLOT = re.compile(r'/Adam(_1)?$|^beta[12]_power(_\d+)?$')
+# TF names generators by the domain they produce: generate_a2b runs scope generator_B.
+GENERATORS = {'genA2B': 'generator_B', 'genB2A': 'generator_A'}
+CRITICS = {'disGA': ('discriminator_A', 'global'), 'disGB': ('discriminator_B', 'global'),
+           'disLA': ('discriminator_A', 'local'), 'disLB': ('discriminator_B', 'local')}
+FORMAT = 'ugatit-pytorch/1'
+
+
+# ----------------------------------------------------------------------------------------------
+# Layout conversions (TF → PyTorch)
+
+
+def conv_kernel(k: np.ndarray) -> np.ndarray:
+    """HWIO → OIHW."""
+    return k.transpose(3, 2, 0, 1)
+
+
+def dense_kernel(k: np.ndarray) -> np.ndarray:
+    """[in, out] (used as x·W) → [out, in]."""
+    return k.T
+
+
+def per_channel(v: np.ndarray) -> np.ndarray:
+    """[C] → 1×C×1×1 (this project's ρ, ILN γ/β layout)."""
+    return v.reshape(1, -1, 1, 1)
+
+
+def flat(v: np.ndarray) -> np.ndarray:
+    return v.reshape(-1)
+
+
+def same(v: np.ndarray) -> np.ndarray:
+    return v
+
+
+def nhwc_dense_kernel(side: int) -> Callable[[np.ndarray], np.ndarray]:
+    """The full model's first MLP layer: TF flattens features as (h, w, c), this project as (c, h, w)."""
+    def convert(k: np.ndarray) -> np.ndarray:
+        out = k.shape[1]
+        return k.reshape(side, side, -1, out).transpose(3, 2, 0, 1).reshape(out, -1)
+    return convert
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One TF variable (relative to its network's scope) → one state-dict key, with its layout change."""
+
+    tf_name: str
+    key: str
+    convert: Callable[[np.ndarray], np.ndarray] = same
+
+
+def _conv(key: str, scope: str) -> list[Rule]:
+    return [Rule(f'{scope}/conv2d/kernel', f'{key}.weight', conv_kernel), Rule(f'{scope}/conv2d/bias', f'{key}.bias')]
+
+
+def _dense(key: str, scope: str, kernel: Callable = dense_kernel) -> list[Rule]:
+    return [Rule(f'{scope}/dense/kernel', f'{key}.weight', kernel), Rule(f'{scope}/dense/bias', f'{key}.bias')]
+
+
+def _sn_layer(key: str, scope: str, sn: bool, kernel: Callable) -> list[Rule]:
+    """A discriminator layer: TF's spectral-norm branch names kernel/bias/u directly in the scope."""
+    if not sn:
+        layer = 'dense' if kernel is dense_kernel else 'conv2d'
+        return [Rule(f'{scope}/{layer}/kernel', f'{key}.weight', kernel), Rule(f'{scope}/{layer}/bias', f'{key}.bias')]
+    return [Rule(f'{scope}/kernel', f'{key}.weight_orig', kernel), Rule(f'{scope}/bias', f'{key}.bias'),
+            Rule(f'{scope}/u', f'{key}.weight_u', flat)]
+
+
+def generator_rules(n_res: int, graph: str, mlp_side: int) -> list[Rule]:
+    """Every variable of one TF generator scope (n_res must be 4 in TF; ``mlp_side`` 0 = light)."""
+    rules = [Rule('CAM_logit/kernel', 'cam.fc.weight', dense_kernel), Rule('CAM_logit/bias', 'cam.fc.bias')]
+    if graph == '2019':   # the 2019 graph's logits come from a separate dense layer in the same scope
+        rules += _dense('cam.logit_fc', 'CAM_logit')
+    rules += _conv('conv1x1', 'conv_1x1') + _dense('gamma', 'MLP/gamma') + _dense('beta', 'MLP/beta')
+    for i in range(n_res):
+        for half, j in (('res1', 1), ('res2', 2)):
+            rules += _conv(f'UpBlock1_{i + 1}.conv{j}', f'adaptive_resblock{i}/{half}/conv_0')
+            rules.append(Rule(f'adaptive_resblock{i}/{half}/instance_layer_norm/rho', f'UpBlock1_{i + 1}.norm{j}.rho',
+                              per_channel))
+    # DownBlock: [pad, conv, IN, ReLU] × 3 (stem and two down-samplings), then the residual blocks.
+    for index, (conv, norm) in zip((1, 5, 9), (('conv', 'ins_norm'), ('conv_0', 'ins_norm_0'),
+                                               ('conv_1', 'ins_norm_1'))):
+        rules += _conv(f'DownBlock.{index}', conv) + _instance_norm(f'DownBlock.{index + 1}', norm)
+    for i in range(n_res):
+        for half, index in (('res1', 1), ('res2', 5)):
+            rules += _conv(f'DownBlock.{12 + i}.conv_block.{index}', f'resblock_{i}/{half}/conv_0')
+            rules += _instance_norm(f'DownBlock.{12 + i}.conv_block.{index + 1}', f'resblock_{i}/{half}/instance_norm')
+    first = nhwc_dense_kernel(mlp_side) if mlp_side else dense_kernel
+    rules += _dense('FC.0', 'MLP/linear_0', first) + _dense('FC.2', 'MLP/linear_1')
+    # UpBlock2: [upsample, pad, conv, ILN, ReLU] × 2, then [pad, conv, tanh].
+    for index, scope in ((2, '0'), (7, '1')):
+        rules += _conv(f'UpBlock2.{index}', f'up_conv_{scope}')
+        rules += [Rule(f'layer_ins_norm_{scope}/{name}', f'UpBlock2.{index + 1}.{name}', per_channel)
+                  for name in ('rho', 'gamma', 'beta')]
+    return rules + _conv('UpBlock2.11', 'G_logit')
+
+
+def _instance_norm(key: str, scope: str) -> list[Rule]:
+    return [Rule(f'{scope}/gamma', f'{key}.weight'), Rule(f'{scope}/beta', f'{key}.bias')]
+
+
+def critic_rules(n_layers: int, sn: bool, graph: str) -> list[Rule]:
+    """Every variable of one TF discriminator (global or local) scope; ``n_layers`` in PT counting."""
+    rules = []
+    for k in range(n_layers - 2):   # stride-2 convs conv_0..conv_{n-3} at model.1, .4, .7, ...
+        rules += _sn_layer(f'model.{3 * k + 1}', f'conv_{k}', sn, conv_kernel)
+    rules += _sn_layer(f'model.{3 * (n_layers - 2) + 1}', 'conv_last', sn, conv_kernel)
+    if sn:
+        rules += _sn_layer('cam.fc', 'CAM_logit', True, dense_kernel)
+    else:
+        rules += [Rule('CAM_logit/kernel', 'cam.fc.weight', dense_kernel), Rule('CAM_logit/bias', 'cam.fc.bias')]
+        if graph == '2019':
+            rules += _dense('cam.logit_fc', 'CAM_logit')
+    return rules + _conv('conv1x1', 'conv_1x1') + _sn_layer('conv', 'D_logit', sn, conv_kernel)
+
+
+# ----------------------------------------------------------------------------------------------
+# Inferring the model from the variables
+
+
+def _scope(shapes: dict[str, tuple], scope: str) -> dict[str, tuple]:
+    return {name[len(scope) + 1:]: shape for name, shape in shapes.items() if name.startswith(scope + '/')}
+
+
+def _count(names, pattern: str) -> int:
+    return len({m.group(1) for n in names if (m := re.match(pattern, n))})
+
+
+def infer_arch(shapes: dict[str, tuple[int, ...]], smoothing: bool = True, img_size: int | None = None) -> dict:
+    """The architecture config of a TF U-GAT-IT checkpoint from its variable names and shapes."""
+    generator = _scope(shapes, GENERATORS['genA2B'])
+    if not generator or not _scope(shapes, GENERATORS['genB2A']):
+        raise utils.UserError('not a U-GAT-IT checkpoint: it has no generator_A/generator_B variables')
+    try:
+        _, _, img_ch, ch = generator['conv/conv2d/kernel']
+        mlp_in, mlp_width = generator['MLP/linear_0/dense/kernel']
+    except KeyError as exc:
+        raise utils.UserError(f'generator_B has no {exc.args[0]}: not an official U-GAT-IT checkpoint') from None
+    if img_ch != 3:
+        raise utils.UserError(f'the checkpoint takes {img_ch}-channel images; only RGB (3) is supported')
+    dim = 4 * ch
+    n_res = _count(generator, r'resblock_(\d+)/')
+    light = mlp_in == dim
+    if not light:
+        side = int(round((mlp_in / dim) ** 0.5))
+        if side * side * dim != mlp_in:
+            raise utils.UserError(f'MLP/linear_0 has {mlp_in} inputs, which fits neither a light nor a full model '
+                                  f'with ch {ch}')
+        if img_size is not None and img_size != 4 * side:
+            raise utils.UserError(f'--img_size {img_size}: this full model was trained at {4 * side} px')
+        img_size = 4 * side
+    arch = {'arch': 'tf', 'tf_graph': '2019' if 'CAM_logit/dense/kernel' in generator else 'current',
+            'smoothing': smoothing, 'light': light, 'ch': ch, 'n_res': n_res, 'img_size': img_size or 256,
+            'img_ch': 3, 'use_se': False, 'attention_gan': 0, 'attention_input': False, 'use_deconv': False,
+            'cam_D_attention': True, 'cam_D_weight': 1.0, 'use_grouploss': False, 'groups': None}
+    if mlp_width != ch * n_res or n_res != 4:
+        raise utils.UserError(f'the checkpoint has {n_res} residual blocks and an MLP {mlp_width} wide; the official '
+                              f'TF graph only builds with 4 (MLP width ch*n_res = 4*ch)')
+    arch.update(_infer_critics(shapes))
+    return arch
+
+
+def _infer_critics(shapes: dict[str, tuple]) -> dict:
+    """Depths (PT counting) and spectral norm of the discriminators, or their absence."""
+    present = [dom for dom in 'AB' if _scope(shapes, f'discriminator_{dom}')]
+    if not present:
+        return {'sn': True, 'n_global_dis': 7, 'n_local_dis': 5, 'n_dis': 6, 'has_discriminators': False}
+    if len(present) == 1:
+        raise utils.UserError(f'the checkpoint has discriminator_{present[0]} but not the other one')
+    critic = _scope(shapes, 'discriminator_A')
+    n_global = _count(critic, r'global/conv_(\d+)/') + 2
+    n_local = _count(critic, r'local/conv_(\d+)/') + 2
+    return {'sn': 'global/conv_0/u' in critic, 'n_global_dis': n_global, 'n_local_dis': n_local,
+            'n_dis': n_global - 1, 'has_discriminators': True}
+
+
+# ----------------------------------------------------------------------------------------------
+# Conversion
+
+
+def network_rules(arch: dict) -> dict[str, tuple[str, list[Rule]]]:
+    """For each network of OUT.pt: its TF scope and the rules converting its variables."""
+    side = 0 if arch['light'] else arch['img_size'] // 4
+    nets = {key: (scope, generator_rules(arch['n_res'], arch['tf_graph'], side)) for key, scope in GENERATORS.items()}
+    if arch['has_discriminators']:
+        for key, (scope, scale) in CRITICS.items():
+            depth = arch['n_global_dis'] if scale == 'global' else arch['n_local_dis']
+            nets[key] = (f'{scope}/{scale}', critic_rules(depth, arch['sn'], arch['tf_graph']))
+    return nets
+
+
+def check_variables(names: list[str], nets: dict[str, tuple[str, list[Rule]]]) -> None:
+    """One error listing every unknown and every missing variable."""
+    expected = {f'{scope}/{rule.tf_name}' for scope, rules in nets.values() for rule in rules}
+    present = set(names)
+    unknown = sorted(n for n in present - expected if not OPTIMIZER_SLOT.search(n))
+    missing = sorted(expected - present)
+    if unknown or missing:
+        parts = []
+        if unknown:
+            parts.append(f'{len(unknown)} unknown variable(s): {", ".join(unknown)}')
+        if missing:
+            parts.append(f'{len(missing)} missing variable(s): {", ".join(missing)}')
+        raise utils.UserError('not an official U-GAT-IT checkpoint of a known graph version: ' + '; '.join(parts))
+
+
+def _power_iteration_v(state: dict[str, torch.Tensor]) -> None:
+    """PyTorch's spectral norm also keeps v; derive it from u as the next power iteration will."""
+    for key in [k for k in state if k.endswith('.weight_u')]:
+        base = key[:-len('weight_u')]
+        w = state[base + 'weight_orig'].reshape(state[key].numel(), -1)
+        state[base + 'weight_v'] = torch.nn.functional.normalize(w.t() @ state[key], dim=0, eps=1e-12)
+
+
+def convert_network(ckpt: TFCheckpoint, scope: str, rules: list[Rule], expected: dict[str, tuple]) -> dict:
+    """Read and convert one network's variables into a state dict with exactly the ``expected`` keys/shapes."""
+    state = {}
+    for rule in rules:
+        value = rule.convert(ckpt.read(f'{scope}/{rule.tf_name}'))
+        state[rule.key] = torch.from_numpy(np.ascontiguousarray(value, dtype=np.float32))
+    _power_iteration_v(state)
+    if set(state) != set(expected):
+        raise RuntimeError(f'{scope}: conversion rules and network disagree: '
+                           f'{sorted(set(state) ^ set(expected))}')   # a bug here, not a user error
+    for key, shape in expected.items():
+        if tuple(state[key].shape) != shape:
+            raise utils.UserError(f'{scope}: {key} has shape {tuple(state[key].shape)}, the model needs {shape}')
+    return {key: state[key] for key in expected}
+
+
+def expected_shapes(arch: dict) -> dict[str, dict[str, tuple]]:
+    """State-dict keys and shapes of the networks this project builds from ``arch`` (on the meta
+    device: nothing is allocated)."""
+    from types import SimpleNamespace
+
+    from ugatit import build_critic, build_generator
+    cfg = SimpleNamespace(**arch)
+    with torch.device('meta'):
+        nets = {'genA2B': build_generator(cfg), 'genB2A': build_generator(cfg)}
+        if arch['has_discriminators']:
+            for dom in 'AB':
+                critic = build_critic(cfg, dom)
+                nets[f'disG{dom}'], nets[f'disL{dom}'] = critic['G'], critic['L']
+    return {key: {k: tuple(v.shape) for k, v in net.state_dict().items()} for key, net in nets.items()}
+
+
+def convert(path: str | Path, smoothing: bool = True, img_size: int | None = None) -> dict:
+    """The checkpoint dict of this project for the TF checkpoint at ``path`` (prefix or folder)."""
+    ckpt = TFCheckpoint(path)
+    arch = infer_arch(ckpt.shapes(), smoothing, img_size)
+    nets = network_rules(arch)
+    check_variables(list(ckpt), nets)
+    shapes = expected_shapes(arch)
+    state = {key: convert_network(ckpt, scope, rules, shapes[key]) for key, (scope, rules) in nets.items()}
+    step = re.search(r'-(\d+)$', ckpt.prefix.name)
+    config = {k: v for k, v in arch.items() if k != 'has_discriminators'}
+    state.update({'config': config, 'step': 0, 'format': FORMAT,
+                  'source': {'tf_checkpoint': str(ckpt.prefix), 'tf_step': int(step.group(1)) if step else -1}})
+    return state
+
+
+def describe(state: dict) -> str:
+    cfg = state['config']
+    parts = [f"{'light' if cfg['light'] else 'full'} model", f"ch {cfg['ch']}", f"{cfg['img_size']} px",
+             f"TF graph {cfg['tf_graph']}", f"smoothing {cfg['smoothing']}"]
+    if 'disGA' in state:
+        parts.append(f"discriminators {cfg['n_global_dis']}/{cfg['n_local_dis']} layers"
+                     f"{'' if cfg['sn'] else ' without spectral norm'}")
+    else:
+        parts.append('generators only')
+    return ', '.join(parts)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument('checkpoint', help='TF checkpoint prefix (.../UGATIT.model-N) or its folder')
+    parser.add_argument('output', type=Path, help='the .pt file to write')
+    parser.add_argument('--smoothing', type=_bool, default=True, metavar='BOOL',
+                        help="TF's --smoothing the model was trained with (not stored in TF checkpoints)")
+    parser.add_argument('--img_size', type=int, default=None,
+                        help='image size of a light model (not stored in it; default 256, TF\'s default); '
+                        'full models record it')
+    return parser
+
+
+def _bool(value: str) -> bool:
+    try:
+        return utils.str2bool(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    start = time.perf_counter()
+    try:
+        if args.img_size is not None and (args.img_size < 4 or args.img_size % 4):
+            raise utils.UserError(f'--img_size must be a positive multiple of 4, got {args.img_size}')
+        state = convert(args.checkpoint, args.smoothing, args.img_size)
+        utils.atomic_save(state, args.output)
+    except (utils.UserError, CheckpointError, OSError) as exc:
+        print(f'error: {exc}', file=sys.stderr)
+        return 2
+    print(f'wrote {args.output}: {describe(state)} ({time.perf_counter() - start:.1f} s)')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
