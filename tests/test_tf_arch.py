@@ -1,0 +1,252 @@
+"""--arch tf and the TF checkpoint converter, checked against the official TensorFlow outputs.
+
+The reference checkpoints in tests/data/tf were written by the official TF code (HEAD and the
+2019-08-15 graph) with random, perturbed weights; reference.npz holds what that code computed.
+"""
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from conftest import random_batches, tiny_flags, tiny_trainer
+
+import main
+import networks as N
+import tf_checkpoint as T
+import utils
+from scripts import convert_tf_checkpoint as C
+from ugatit import build_critic, build_generator
+
+DATA = Path(__file__).resolve().parent / 'data' / 'tf'
+IMG_SIZE = {'tf_head_light64': 64, 'tf_2019_full64': None}   # a light model does not record its size
+DIRECTIONS = {'A2B': 'genA2B', 'B2A': 'genB2A'}
+
+
+@pytest.fixture(scope='module')
+def converted() -> dict[str, dict]:
+    return {name: C.convert(DATA / name / 'ckpt', smoothing=True, img_size=size) for name, size in IMG_SIZE.items()}
+
+
+def _reference(name: str):
+    return np.load(DATA / name / 'reference.npz')
+
+
+def _stems(ref, direction: str) -> list[str]:
+    return sorted({k.split('/')[1] for k in ref.files if k.startswith(direction + '/')})
+
+
+def _generator(state: dict, key: str) -> N.ResnetGenerator:
+    net = build_generator(SimpleNamespace(**state['config']))
+    net.load_state_dict(state[key])
+    return net.eval()
+
+
+def _nchw(array: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(array).permute(0, 3, 1, 2)
+
+
+# ----------------------------------------------------------------------------------------------
+# The architecture
+
+
+def test_tf_padding_rule():
+    tf = N.Arch('tf')
+    assert tf.pad_amounts(3, 2, 1) == (1, 0)     # G's down-sampling convs
+    assert tf.pad_amounts(4, 1, 1) == (1, 2)     # D's stride-1 convs
+    assert tf.pad_amounts(4, 2, 1) == (1, 1) and tf.pad_amounts(7, 1, 3) == (3, 3)
+    assert N.PT.pad_amounts(3, 2, 1) == (1, 1) and N.PT.pad_amounts(4, 1, 1) == (1, 1)
+    # TF keeps D's size through its stride-1 convs: 8×8 and 32×32 patch maps at 256 px (PT: 6 and 30).
+    assert N.discriminator_output_size(256, 7, tf) == 8 and N.discriminator_output_size(256, 5, tf) == 32
+    assert N.discriminator_output_size(256, 7) == 6
+    assert N.min_image_size(7, tf) == 96 and N.discriminator_output_size(95, 7, tf) == 0
+
+
+def test_tf_generator_parameters_and_initialisation():
+    torch.manual_seed(0)
+    gen = N.ResnetGenerator(3, 3, ngf=8, n_blocks=4, img_size=32, light=True, arch=N.Arch('tf'))
+    state = gen.state_dict()
+    convs = [m for m in gen.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    assert all(m.bias is not None for m in convs)                       # TF: biases everywhere
+    assert all(torch.all(m.bias == 0) for m in convs)                  # zero-initialised
+    kernels = torch.cat([m.weight.flatten() for m in convs])
+    assert abs(kernels.std().item() - 0.02) < 0.002 and abs(kernels.mean().item()) < 0.002   # N(0, 0.02)
+    assert 'DownBlock.2.weight' in state and 'DownBlock.12.conv_block.2.bias' in state   # affine encoder norms
+    assert torch.all(gen.UpBlock1_1.norm1.rho == 1) and torch.all(gen.UpBlock2[3].rho == 0)
+    assert 'gap_fc.weight' not in state and state['cam.fc.weight'].shape == (1, 32)
+    with pytest.raises(ValueError, match='n_blocks 4'):
+        N.ResnetGenerator(3, 3, ngf=8, n_blocks=3, img_size=32, light=True, arch=N.Arch('tf'))
+
+
+def test_2019_graph_has_a_separate_cam_logit_fc():
+    gen = N.ResnetGenerator(3, 3, ngf=8, n_blocks=4, img_size=32, light=True, arch=N.Arch('tf', '2019'))
+    assert {'cam.fc.weight', 'cam.fc.bias', 'cam.logit_fc.weight', 'cam.logit_fc.bias'} <= set(gen.state_dict())
+    critic = N.Discriminator(3, ndf=4, n_layers=5, arch=N.Arch('tf', '2019'))
+    assert not any('logit_fc' in k for k in critic.state_dict())   # D's CAM FC is spectral-normalised
+
+
+def test_tf_adailn_is_biased_and_smoothed():
+    x = torch.randn(2, 4, 5, 6, dtype=torch.float64)
+    gamma, beta = torch.randn(2, 4, dtype=torch.float64), torch.randn(2, 4, dtype=torch.float64)
+    norm = N.adaILN(4, rho_init=1.0, smoothing=True, unbiased=False).double()
+    with torch.no_grad():
+        norm.rho.copy_(torch.tensor([0.0, 0.05, 0.5, 1.0]).view(1, 4, 1, 1))
+    a = x.numpy()
+    inst = (a - a.mean((2, 3), keepdims=True)) / np.sqrt(a.var((2, 3), keepdims=True) + 1e-5)
+    layer = (a - a.mean((1, 2, 3), keepdims=True)) / np.sqrt(a.var((1, 2, 3), keepdims=True) + 1e-5)
+    rho = np.array([0.0, 0.0, 0.4, 0.9]).reshape(1, 4, 1, 1)   # clip(rho - 0.1, 0, 1)
+    expected = (rho * inst + (1 - rho) * layer) * gamma.numpy()[:, :, None, None] + beta.numpy()[:, :, None, None]
+    np.testing.assert_allclose(norm(x, gamma, beta).detach().numpy(), expected, rtol=1e-10, atol=1e-10)
+
+
+def test_arch_rejects_inconsistent_options():
+    with pytest.raises(ValueError):
+        N.Arch('pt', smoothing=True)
+    with pytest.raises(ValueError):
+        N.Arch('tf', graph='2018')
+
+
+# ----------------------------------------------------------------------------------------------
+# Converted checkpoints against the official outputs
+
+
+def test_inferred_architectures(converted):
+    light, full = converted['tf_head_light64']['config'], converted['tf_2019_full64']['config']
+    assert (light['light'], light['ch'], light['img_size'], light['tf_graph']) == (True, 2, 64, 'current')
+    assert (full['light'], full['ch'], full['img_size'], full['tf_graph']) == (False, 4, 64, '2019')
+    for cfg in (light, full):
+        assert (cfg['arch'], cfg['n_res'], cfg['n_global_dis'], cfg['n_local_dis'], cfg['sn']) == ('tf', 4, 7, 5, True)
+        assert cfg['smoothing'] is True
+    assert converted['tf_head_light64']['source']['tf_step'] == 1000
+
+
+@pytest.mark.parametrize('name', list(IMG_SIZE))
+@pytest.mark.parametrize('direction', list(DIRECTIONS))
+def test_converted_generators_reproduce_official_outputs(converted, name, direction):
+    ref = _reference(name)
+    net = _generator(converted[name], DIRECTIONS[direction])
+    for stem in _stems(ref, direction):
+        with torch.no_grad():
+            out = net(_nchw(ref[f'{direction}/{stem}/input']))
+        np.testing.assert_allclose(out.image.permute(0, 2, 3, 1).numpy(), ref[f'{direction}/{stem}/image'],
+                                   rtol=0, atol=1e-4)
+        np.testing.assert_allclose(out.cam_logit.numpy(), ref[f'{direction}/{stem}/cam_logit'], rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(out.heatmap[0, 0].numpy(), ref[f'{direction}/{stem}/heatmap'],
+                                   rtol=1e-5, atol=1e-4)
+
+
+def test_smoothing_flag_matters(converted):
+    """The comparison above can tell smoothing on from off (SPEC: errors 0.07–0.48 when flipped)."""
+    name = 'tf_head_light64'
+    ref = _reference(name)
+    state = C.convert(DATA / name / 'ckpt', smoothing=False, img_size=64)
+    stem = _stems(ref, 'A2B')[0]
+    with torch.no_grad():
+        image = _generator(state, 'genA2B')(_nchw(ref[f'A2B/{stem}/input'])).image
+    assert np.abs(image.permute(0, 2, 3, 1).numpy() - ref[f'A2B/{stem}/image']).max() > 1e-2
+
+
+@pytest.mark.parametrize('name', list(IMG_SIZE))
+@pytest.mark.parametrize('domain', ['A', 'B'])
+def test_converted_discriminators_reproduce_official_outputs(converted, name, domain):
+    """Logits, CAM logits and heatmaps of one training-mode run, and u after its power iteration."""
+    state, ref = converted[name], _reference(name)
+    critic = build_critic(SimpleNamespace(**state['config']), domain)
+    x = _nchw(ref[f'D_{domain}/input'])
+    for scale, tf_scale in (('G', 'global'), ('L', 'local')):
+        net = critic[scale]
+        net.load_state_dict(state[f'dis{scale}{domain}'])
+        with torch.no_grad():
+            out = net.train()(x)
+        np.testing.assert_allclose(out.logit.permute(0, 2, 3, 1).numpy(), ref[f'D_{domain}/{tf_scale}_logit'],
+                                   rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(out.cam_logit.numpy(), ref[f'D_{domain}/{tf_scale}_cam_logit'], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(out.heatmap[0, 0].numpy(), ref[f'D_{domain}/{tf_scale}_heatmap'],
+                                   rtol=1e-5, atol=1e-5)
+        depth = state['config'][f'n_{tf_scale}_dis']
+        rules = {r.tf_name: r.key for r in C.critic_rules(depth, True, state['config']['tf_graph'])}
+        prefix = f'D_{domain}/u_after/discriminator_{domain}/{tf_scale}/'
+        u_after = {k[len(prefix):]: ref[k] for k in ref.files if k.startswith(prefix)}
+        assert len(u_after) == depth + 1
+        for tf_name, value in u_after.items():
+            np.testing.assert_allclose(net.state_dict()[rules[tf_name]].numpy(), value.reshape(-1), atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# Converter behaviour and errors
+
+
+def _official_tensors(name: str) -> dict[str, np.ndarray]:
+    ckpt = T.TFCheckpoint(DATA / name / 'ckpt')
+    return {k: ckpt.read(k) for k in ckpt}
+
+
+def test_generators_alone_are_enough(tmp_path):
+    tensors = {k: v for k, v in _official_tensors('tf_2019_full64').items() if k.startswith('generator_')}
+    T.write_checkpoint(tmp_path / 'UGATIT.model-5', tensors)
+    state = C.convert(tmp_path)
+    assert {k for k in state if k.startswith(('gen', 'dis'))} == {'genA2B', 'genB2A'}
+    ref = _reference('tf_2019_full64')
+    stem = _stems(ref, 'B2A')[0]
+    with torch.no_grad():
+        image = _generator(state, 'genB2A')(_nchw(ref[f'B2A/{stem}/input'])).image
+    np.testing.assert_allclose(image.permute(0, 2, 3, 1).numpy(), ref[f'B2A/{stem}/image'], atol=1e-4)
+
+
+def test_unknown_and_missing_variables_are_listed_in_one_error(tmp_path):
+    tensors = _official_tensors('tf_head_light64')
+    tensors['generator_A/extra_layer/kernel'] = np.zeros(3, np.float32)
+    del tensors['generator_B/up_conv_1/conv2d/bias']
+    del tensors['discriminator_A/local/D_logit/u']
+    T.write_checkpoint(tmp_path / 'UGATIT.model-5', tensors)
+    with pytest.raises(utils.UserError) as error:
+        C.convert(tmp_path, img_size=64)
+    message = str(error.value)
+    assert '1 unknown variable(s): generator_A/extra_layer/kernel' in message
+    assert 'generator_B/up_conv_1/conv2d/bias' in message and 'discriminator_A/local/D_logit/u' in message
+    assert 'Adam' not in message and 'beta1_power' not in message   # optimizer slots are ignored, not unknown
+
+
+def test_not_a_ugatit_checkpoint(tmp_path):
+    T.write_checkpoint(tmp_path / 'other-1', {'dense/kernel': np.zeros((2, 2), np.float32)})
+    with pytest.raises(utils.UserError, match='no generator_A/generator_B'):
+        C.convert(tmp_path)
+    with pytest.raises(utils.UserError, match='trained at 64 px'):
+        C.convert(DATA / 'tf_2019_full64' / 'ckpt', img_size=256)
+
+
+def test_cli_writes_a_loadable_checkpoint_and_fails_in_one_line(tmp_path, capsys):
+    out = tmp_path / 'model.pt'
+    assert C.main([str(DATA / 'tf_2019_full64' / 'ckpt' / 'UGATIT.model-1000'), str(out), '--smoothing', 'True']) == 0
+    assert 'full model, ch 4, 64 px, TF graph 2019' in capsys.readouterr().out
+    state = utils.load_checkpoint(out)   # weights_only
+    assert state['format'] == 'ugatit-pytorch/1' and state['step'] == 0
+    assert {'genA2B', 'genB2A', 'disGA', 'disGB', 'disLA', 'disLB'} <= set(state)
+    assert [p.name for p in tmp_path.iterdir()] == ['model.pt']   # atomic: no temporary left behind
+    assert C.main([str(tmp_path / 'nothing'), str(tmp_path / 'x.pt')]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith('error: no TF checkpoint') and err.count('\n') == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Training with --arch tf
+
+
+@pytest.mark.parametrize('graph', ['current', '2019'])
+def test_tf_arch_trains(tiny_dataset, tmp_path, graph):
+    trainer = tiny_trainer(tiny_dataset, tmp_path, '--arch', 'tf', '--n_res', '4', '--tf_graph', graph)
+    assert isinstance(trainer.G['A2B'].cam, N.SharedCAM) and trainer.D['A']['G'].conv.bias is not None
+    for step, batch in enumerate(random_batches(2), 1):
+        logs = trainer.train_step(batch, step)
+    assert all(torch.isfinite(v) for v in logs.values())
+    rhos = torch.cat([m.rho.flatten() for m in trainer.G.modules() if hasattr(m, 'rho')])
+    assert rhos.min() >= 0 and rhos.max() <= 1
+
+
+def test_cli_rejects_tf_only_flags_under_pt_and_other_n_res(tiny_dataset, tmp_path, capsys):
+    assert main.main(tiny_flags(tiny_dataset, tmp_path, '--smoothing', 'False')) == 2
+    assert '--arch tf only' in capsys.readouterr().err
+    assert main.main(tiny_flags(tiny_dataset, tmp_path, '--arch', 'tf')) == 2   # tiny flags have --n_res 1
+    assert '--arch tf needs --n_res 4' in capsys.readouterr().err
+    cfg = main.parse_args(tiny_flags(tiny_dataset, tmp_path, '--arch', 'tf', '--n_res', '4'))
+    assert (cfg.tf_graph, cfg.smoothing) == ('current', True)
