@@ -49,35 +49,27 @@ FORMAT = 'ugatit-pytorch/1'
 # Layout conversions (TF → PyTorch)
 
 
-def conv_kernel(k: np.ndarray) -> np.ndarray:
-    """HWIO → OIHW."""
-    return k.transpose(3, 2, 0, 1)
+@dataclass(frozen=True)
+class Layout:
+    """How a TF variable becomes a PyTorch tensor, and which TF shape lies behind a PyTorch shape."""
+
+    convert: Callable[[np.ndarray], np.ndarray]
+    tf_shape: Callable[[tuple], tuple]
 
 
-def dense_kernel(k: np.ndarray) -> np.ndarray:
-    """[in, out] (used as x·W) → [out, in]."""
-    return k.T
+SAME = Layout(lambda v: v, lambda s: s)
+CONV = Layout(lambda k: k.transpose(3, 2, 0, 1), lambda s: (s[2], s[3], s[1], s[0]))   # HWIO → OIHW
+DENSE = Layout(lambda k: k.T, lambda s: (s[1], s[0]))                                 # [in, out] (x·W) → [out, in]
+CHANNEL = Layout(lambda v: v.reshape(1, -1, 1, 1), lambda s: (s[1],))                 # [C] → 1×C×1×1 (ρ, ILN γ/β)
+SN_U = Layout(lambda v: v.reshape(-1), lambda s: (1, s[0]))                           # spectral norm u: [1, out]
 
 
-def per_channel(v: np.ndarray) -> np.ndarray:
-    """[C] → 1×C×1×1 (this project's ρ, ILN γ/β layout)."""
-    return v.reshape(1, -1, 1, 1)
-
-
-def flat(v: np.ndarray) -> np.ndarray:
-    return v.reshape(-1)
-
-
-def same(v: np.ndarray) -> np.ndarray:
-    return v
-
-
-def nhwc_dense_kernel(side: int) -> Callable[[np.ndarray], np.ndarray]:
-    """The full model's first MLP layer: TF flattens features as (h, w, c), this project as (c, h, w)."""
+def nhwc_dense(side: int) -> Layout:
+    """The full model's first MLP layer: TF flattens the features as (h, w, c), this project as (c, h, w)."""
     def convert(k: np.ndarray) -> np.ndarray:
         out = k.shape[1]
         return k.reshape(side, side, -1, out).transpose(3, 2, 0, 1).reshape(out, -1)
-    return convert
+    return Layout(convert, DENSE.tf_shape)
 
 
 @dataclass(frozen=True)
@@ -86,29 +78,29 @@ class Rule:
 
     tf_name: str
     key: str
-    convert: Callable[[np.ndarray], np.ndarray] = same
+    layout: Layout = SAME
 
 
 def _conv(key: str, scope: str) -> list[Rule]:
-    return [Rule(f'{scope}/conv2d/kernel', f'{key}.weight', conv_kernel), Rule(f'{scope}/conv2d/bias', f'{key}.bias')]
+    return [Rule(f'{scope}/conv2d/kernel', f'{key}.weight', CONV), Rule(f'{scope}/conv2d/bias', f'{key}.bias')]
 
 
-def _dense(key: str, scope: str, kernel: Callable = dense_kernel) -> list[Rule]:
+def _dense(key: str, scope: str, kernel: Layout = DENSE) -> list[Rule]:
     return [Rule(f'{scope}/dense/kernel', f'{key}.weight', kernel), Rule(f'{scope}/dense/bias', f'{key}.bias')]
 
 
-def _sn_layer(key: str, scope: str, sn: bool, kernel: Callable) -> list[Rule]:
+def _sn_layer(key: str, scope: str, sn: bool, kernel: Layout) -> list[Rule]:
     """A discriminator layer: TF's spectral-norm branch names kernel/bias/u directly in the scope."""
     if not sn:
-        layer = 'dense' if kernel is dense_kernel else 'conv2d'
+        layer = 'dense' if kernel is DENSE else 'conv2d'
         return [Rule(f'{scope}/{layer}/kernel', f'{key}.weight', kernel), Rule(f'{scope}/{layer}/bias', f'{key}.bias')]
     return [Rule(f'{scope}/kernel', f'{key}.weight_orig', kernel), Rule(f'{scope}/bias', f'{key}.bias'),
-            Rule(f'{scope}/u', f'{key}.weight_u', flat)]
+            Rule(f'{scope}/u', f'{key}.weight_u', SN_U)]
 
 
 def generator_rules(n_res: int, graph: str, mlp_side: int) -> list[Rule]:
     """Every variable of one TF generator scope (n_res must be 4 in TF; ``mlp_side`` 0 = light)."""
-    rules = [Rule('CAM_logit/kernel', 'cam.fc.weight', dense_kernel), Rule('CAM_logit/bias', 'cam.fc.bias')]
+    rules = [Rule('CAM_logit/kernel', 'cam.fc.weight', DENSE), Rule('CAM_logit/bias', 'cam.fc.bias')]
     if graph == '2019':   # the 2019 graph's logits come from a separate dense layer in the same scope
         rules += _dense('cam.logit_fc', 'CAM_logit')
     rules += _conv('conv1x1', 'conv_1x1') + _dense('gamma', 'MLP/gamma') + _dense('beta', 'MLP/beta')
@@ -116,7 +108,7 @@ def generator_rules(n_res: int, graph: str, mlp_side: int) -> list[Rule]:
         for half, j in (('res1', 1), ('res2', 2)):
             rules += _conv(f'UpBlock1_{i + 1}.conv{j}', f'adaptive_resblock{i}/{half}/conv_0')
             rules.append(Rule(f'adaptive_resblock{i}/{half}/instance_layer_norm/rho', f'UpBlock1_{i + 1}.norm{j}.rho',
-                              per_channel))
+                              CHANNEL))
     # DownBlock: [pad, conv, IN, ReLU] × 3 (stem and two down-samplings), then the residual blocks.
     for index, (conv, norm) in zip((1, 5, 9), (('conv', 'ins_norm'), ('conv_0', 'ins_norm_0'),
                                                ('conv_1', 'ins_norm_1'))):
@@ -125,12 +117,12 @@ def generator_rules(n_res: int, graph: str, mlp_side: int) -> list[Rule]:
         for half, index in (('res1', 1), ('res2', 5)):
             rules += _conv(f'DownBlock.{12 + i}.conv_block.{index}', f'resblock_{i}/{half}/conv_0')
             rules += _instance_norm(f'DownBlock.{12 + i}.conv_block.{index + 1}', f'resblock_{i}/{half}/instance_norm')
-    first = nhwc_dense_kernel(mlp_side) if mlp_side else dense_kernel
+    first = nhwc_dense(mlp_side) if mlp_side else DENSE
     rules += _dense('FC.0', 'MLP/linear_0', first) + _dense('FC.2', 'MLP/linear_1')
     # UpBlock2: [upsample, pad, conv, ILN, ReLU] × 2, then [pad, conv, tanh].
     for index, scope in ((2, '0'), (7, '1')):
         rules += _conv(f'UpBlock2.{index}', f'up_conv_{scope}')
-        rules += [Rule(f'layer_ins_norm_{scope}/{name}', f'UpBlock2.{index + 1}.{name}', per_channel)
+        rules += [Rule(f'layer_ins_norm_{scope}/{name}', f'UpBlock2.{index + 1}.{name}', CHANNEL)
                   for name in ('rho', 'gamma', 'beta')]
     return rules + _conv('UpBlock2.11', 'G_logit')
 
@@ -143,15 +135,15 @@ def critic_rules(n_layers: int, sn: bool, graph: str) -> list[Rule]:
     """Every variable of one TF discriminator (global or local) scope; ``n_layers`` in PT counting."""
     rules = []
     for k in range(n_layers - 2):   # stride-2 convs conv_0..conv_{n-3} at model.1, .4, .7, ...
-        rules += _sn_layer(f'model.{3 * k + 1}', f'conv_{k}', sn, conv_kernel)
-    rules += _sn_layer(f'model.{3 * (n_layers - 2) + 1}', 'conv_last', sn, conv_kernel)
+        rules += _sn_layer(f'model.{3 * k + 1}', f'conv_{k}', sn, CONV)
+    rules += _sn_layer(f'model.{3 * (n_layers - 2) + 1}', 'conv_last', sn, CONV)
     if sn:
-        rules += _sn_layer('cam.fc', 'CAM_logit', True, dense_kernel)
+        rules += _sn_layer('cam.fc', 'CAM_logit', True, DENSE)
     else:
-        rules += [Rule('CAM_logit/kernel', 'cam.fc.weight', dense_kernel), Rule('CAM_logit/bias', 'cam.fc.bias')]
+        rules += [Rule('CAM_logit/kernel', 'cam.fc.weight', DENSE), Rule('CAM_logit/bias', 'cam.fc.bias')]
         if graph == '2019':
             rules += _dense('cam.logit_fc', 'CAM_logit')
-    return rules + _conv('conv1x1', 'conv_1x1') + _sn_layer('conv', 'D_logit', sn, conv_kernel)
+    return rules + _conv('conv1x1', 'conv_1x1') + _sn_layer('conv', 'D_logit', sn, CONV)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -256,7 +248,7 @@ def convert_network(ckpt: TFCheckpoint, scope: str, rules: list[Rule], expected:
     """Read and convert one network's variables into a state dict with exactly the ``expected`` keys/shapes."""
     state = {}
     for rule in rules:
-        value = rule.convert(ckpt.read(f'{scope}/{rule.tf_name}'))
+        value = rule.layout.convert(ckpt.read(f'{scope}/{rule.tf_name}'))
         state[rule.key] = torch.from_numpy(np.ascontiguousarray(value, dtype=np.float32))
     _power_iteration_v(state)
     if set(state) != set(expected):
@@ -282,6 +274,14 @@ def expected_shapes(arch: dict) -> dict[str, dict[str, tuple]]:
                 critic = build_critic(cfg, dom)
                 nets[f'disG{dom}'], nets[f'disL{dom}'] = critic['G'], critic['L']
     return {key: {k: tuple(v.shape) for k, v in net.state_dict().items()} for key, net in nets.items()}
+
+
+def tf_shapes(arch: dict) -> dict[str, tuple[int, ...]]:
+    """The variables (names and shapes) an official TF checkpoint of ``arch`` holds, optimizer slots
+    aside: the converter's rules read backwards (for tests, and to make benchmark checkpoints)."""
+    shapes = expected_shapes(arch)
+    return {f'{scope}/{rule.tf_name}': rule.layout.tf_shape(shapes[key][rule.key])
+            for key, (scope, rules) in network_rules(arch).items() for rule in rules}
 
 
 def convert(path: str | Path, smoothing: bool = True, img_size: int | None = None) -> dict:

@@ -3,6 +3,7 @@
 The reference checkpoints in tests/data/tf were written by the official TF code (HEAD and the
 2019-08-15 graph) with random, perturbed weights; reference.npz holds what that code computed.
 """
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -179,6 +180,43 @@ def test_converted_discriminators_reproduce_official_outputs(converted, name, do
 def _official_tensors(name: str) -> dict[str, np.ndarray]:
     ckpt = T.TFCheckpoint(DATA / name / 'ckpt')
     return {k: ckpt.read(k) for k in ckpt}
+
+
+@pytest.mark.parametrize('name', list(IMG_SIZE))
+def test_converter_rules_name_exactly_what_tf_writes(name):
+    """The rules read backwards give TF's own variable listing (optimizer slots aside)."""
+    listed = json.loads((DATA / name / 'variables.json').read_text())
+    arch = C.infer_arch({k: tuple(v) for k, v in listed.items()}, img_size=IMG_SIZE[name])
+    assert C.tf_shapes(arch) == {k: tuple(v) for k, v in listed.items() if not C.OPTIMIZER_SLOT.search(k)}
+
+
+VARIANTS = [dict(light=True, img_size=128, tf_graph='2019', sn=True, n_dis=6),
+            dict(light=False, img_size=32, tf_graph='current', sn=False, n_dis=4),
+            dict(light=False, img_size=48, tf_graph='2019', sn=False, n_dis=5),
+            dict(light=True, img_size=256, tf_graph='current', sn=True, n_dis=3, has_discriminators=False)]
+
+
+@pytest.mark.parametrize('variant', VARIANTS)
+def test_any_variant_is_inferred_and_converts(tmp_path, variant):
+    """Light/full, both graphs, with or without spectral norm, any depth: inferred from the variables
+    alone, converted, and loaded strictly into the networks the stored config builds."""
+    arch = {'arch': 'tf', 'smoothing': False, 'ch': 2, 'n_res': 4, 'img_ch': 3, 'use_se': False, 'attention_gan': 0,
+            'attention_input': False, 'use_deconv': False, 'cam_D_attention': True, 'cam_D_weight': 1.0,
+            'use_grouploss': False, 'groups': None, 'has_discriminators': True, **variant}
+    n_dis = arch['n_dis']
+    arch.update(n_global_dis=n_dis + 1, n_local_dis=n_dis - 1)
+    shapes = C.tf_shapes(arch)
+    light_size = arch['img_size'] if arch['light'] else None
+    assert C.infer_arch(shapes, smoothing=False, img_size=light_size) == (
+        arch if arch['has_discriminators'] else {**arch, 'sn': True, 'n_global_dis': 7, 'n_local_dis': 5, 'n_dis': 6})
+    rng = np.random.default_rng(0)
+    T.write_checkpoint(tmp_path / 'UGATIT.model-3', {k: rng.standard_normal(s).astype(np.float32) * 0.1
+                                                     for k, s in shapes.items()})
+    state = C.convert(tmp_path, smoothing=False, img_size=light_size)
+    size = arch['img_size']
+    with torch.no_grad():
+        out = _generator(state, 'genA2B')(torch.rand(1, 3, size, size) * 2 - 1)
+    assert out.image.shape == (1, 3, size, size) and torch.isfinite(out.image).all()
 
 
 def test_generators_alone_are_enough(tmp_path):
