@@ -423,6 +423,7 @@ class ResnetGenerator(nn.Module):
             raise ValueError(f'the TF generator needs n_blocks 4 (its MLP is ngf*n_blocks wide), got {n_blocks}')
         self.n_blocks = n_blocks
         self.pool = mlp_pool_size(img_size, light)
+        self.flatten_nhwc = arch.tf   # TF flattens the MLP input as (h, w, c)
         self.attention_gan = attention_gan
         self.attention_input = attention_input
         n_down = 2
@@ -494,6 +495,8 @@ class ResnetGenerator(nn.Module):
         heatmap = torch.sum(x, dim=1, keepdim=True)
 
         pooled = x if x.shape[-1] == self.pool else F.adaptive_avg_pool2d(x, self.pool)
+        if self.flatten_nhwc:
+            pooled = pooled.permute(0, 2, 3, 1)
         style = self.FC(pooled.reshape(x.shape[0], -1))
         gamma, beta = self.gamma(style), self.beta(style)
 

@@ -28,7 +28,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 if __package__ in (None, ''):  # run as a file: make the repository root importable
@@ -51,25 +50,19 @@ FORMAT = 'ugatit-pytorch/1'
 
 @dataclass(frozen=True)
 class Layout:
-    """How a TF variable becomes a PyTorch tensor, and which TF shape lies behind a PyTorch shape."""
+    """How a TF variable becomes a PyTorch tensor (a view; made contiguous once, multi-threaded),
+    and which TF shape lies behind a PyTorch shape."""
 
-    convert: Callable[[np.ndarray], np.ndarray]
+    convert: Callable[[torch.Tensor], torch.Tensor]
     tf_shape: Callable[[tuple], tuple]
 
 
 SAME = Layout(lambda v: v, lambda s: s)
-CONV = Layout(lambda k: k.transpose(3, 2, 0, 1), lambda s: (s[2], s[3], s[1], s[0]))   # HWIO → OIHW
-DENSE = Layout(lambda k: k.T, lambda s: (s[1], s[0]))                                 # [in, out] (x·W) → [out, in]
-CHANNEL = Layout(lambda v: v.reshape(1, -1, 1, 1), lambda s: (s[1],))                 # [C] → 1×C×1×1 (ρ, ILN γ/β)
-SN_U = Layout(lambda v: v.reshape(-1), lambda s: (1, s[0]))                           # spectral norm u: [1, out]
-
-
-def nhwc_dense(side: int) -> Layout:
-    """The full model's first MLP layer: TF flattens the features as (h, w, c), this project as (c, h, w)."""
-    def convert(k: np.ndarray) -> np.ndarray:
-        out = k.shape[1]
-        return k.reshape(side, side, -1, out).transpose(3, 2, 0, 1).reshape(out, -1)
-    return Layout(convert, DENSE.tf_shape)
+CONV = Layout(lambda k: k.permute(3, 2, 0, 1), lambda s: (s[2], s[3], s[1], s[0]))   # HWIO → OIHW
+DENSE = Layout(lambda k: k.t(), lambda s: (s[1], s[0]))            # [in, out] (x·W) → [out, in]; the full
+#                                                                   model's MLP input is flattened NHWC as in TF
+CHANNEL = Layout(lambda v: v.reshape(1, -1, 1, 1), lambda s: (s[1],))   # [C] → 1×C×1×1 (ρ, ILN γ/β)
+SN_U = Layout(lambda v: v.reshape(-1), lambda s: (1, s[0]))             # spectral norm u: [1, out]
 
 
 @dataclass(frozen=True)
@@ -98,8 +91,8 @@ def _sn_layer(key: str, scope: str, sn: bool, kernel: Layout) -> list[Rule]:
             Rule(f'{scope}/u', f'{key}.weight_u', SN_U)]
 
 
-def generator_rules(n_res: int, graph: str, mlp_side: int) -> list[Rule]:
-    """Every variable of one TF generator scope (n_res must be 4 in TF; ``mlp_side`` 0 = light)."""
+def generator_rules(n_res: int, graph: str) -> list[Rule]:
+    """Every variable of one TF generator scope (n_res must be 4 in TF)."""
     rules = [Rule('CAM_logit/kernel', 'cam.fc.weight', DENSE), Rule('CAM_logit/bias', 'cam.fc.bias')]
     if graph == '2019':   # the 2019 graph's logits come from a separate dense layer in the same scope
         rules += _dense('cam.logit_fc', 'CAM_logit')
@@ -117,8 +110,7 @@ def generator_rules(n_res: int, graph: str, mlp_side: int) -> list[Rule]:
         for half, index in (('res1', 1), ('res2', 5)):
             rules += _conv(f'DownBlock.{12 + i}.conv_block.{index}', f'resblock_{i}/{half}/conv_0')
             rules += _instance_norm(f'DownBlock.{12 + i}.conv_block.{index + 1}', f'resblock_{i}/{half}/instance_norm')
-    first = nhwc_dense(mlp_side) if mlp_side else DENSE
-    rules += _dense('FC.0', 'MLP/linear_0', first) + _dense('FC.2', 'MLP/linear_1')
+    rules += _dense('FC.0', 'MLP/linear_0') + _dense('FC.2', 'MLP/linear_1')
     # UpBlock2: [upsample, pad, conv, ILN, ReLU] × 2, then [pad, conv, tanh].
     for index, scope in ((2, '0'), (7, '1')):
         rules += _conv(f'UpBlock2.{index}', f'up_conv_{scope}')
@@ -212,8 +204,7 @@ def _infer_critics(shapes: dict[str, tuple]) -> dict:
 
 def network_rules(arch: dict) -> dict[str, tuple[str, list[Rule]]]:
     """For each network of OUT.pt: its TF scope and the rules converting its variables."""
-    side = 0 if arch['light'] else arch['img_size'] // 4
-    nets = {key: (scope, generator_rules(arch['n_res'], arch['tf_graph'], side)) for key, scope in GENERATORS.items()}
+    nets = {key: (scope, generator_rules(arch['n_res'], arch['tf_graph'])) for key, scope in GENERATORS.items()}
     if arch['has_discriminators']:
         for key, (scope, scale) in CRITICS.items():
             depth = arch['n_global_dis'] if scale == 'global' else arch['n_local_dis']
@@ -248,8 +239,8 @@ def convert_network(ckpt: TFCheckpoint, scope: str, rules: list[Rule], expected:
     """Read and convert one network's variables into a state dict with exactly the ``expected`` keys/shapes."""
     state = {}
     for rule in rules:
-        value = rule.layout.convert(ckpt.read(f'{scope}/{rule.tf_name}'))
-        state[rule.key] = torch.from_numpy(np.ascontiguousarray(value, dtype=np.float32))
+        value = torch.from_numpy(ckpt.read(f'{scope}/{rule.tf_name}')).float()
+        state[rule.key] = rule.layout.convert(value).contiguous()
     _power_iteration_v(state)
     if set(state) != set(expected):
         raise RuntimeError(f'{scope}: conversion rules and network disagree: '
