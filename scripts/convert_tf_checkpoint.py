@@ -8,8 +8,9 @@ inferred from the variables: light or full, ``ch``, the image size (full model: 
 input; a light model does not record it, so ``--img_size``, TF's default 256), the
 discriminator depths and spectral norm, and the TF graph version (the 2019-08-15 code, which
 the released selfie2anime checkpoints come from, has ``CAM_logit/dense/*`` in the generators).
-``--smoothing`` is not recorded in a checkpoint: pass the value the model was trained with (TF's
-default True; the released models use it). Optimizer slots (``…/Adam``, ``…/Adam_1``,
+``--smoothing`` is not recorded in a checkpoint, but TF names the run folder after it (``…_sn_smoothing``,
+as the released selfie2anime folder is named): without the flag the folder name decides, and
+TF's default True where the folder was renamed. Optimizer slots (``…/Adam``, ``…/Adam_1``,
 ``beta1_power…``) are ignored. Generators alone are enough; the four discriminators are converted
 when present (needed to fine-tune). Unknown or missing variables stop the conversion with one
 message listing them.
@@ -254,15 +255,12 @@ def convert_network(ckpt: TFCheckpoint, scope: str, rules: list[Rule], expected:
 def expected_shapes(arch: dict) -> dict[str, dict[str, tuple]]:
     """State-dict keys and shapes of the networks this project builds from ``arch`` (on the meta
     device: nothing is allocated)."""
-    from types import SimpleNamespace
-
-    from ugatit import build_critic, build_generator
-    cfg = SimpleNamespace(**arch)
+    from model import build_critic, build_generator
     with torch.device('meta'):
-        nets = {'genA2B': build_generator(cfg), 'genB2A': build_generator(cfg)}
+        nets = {'genA2B': build_generator(arch), 'genB2A': build_generator(arch)}
         if arch['has_discriminators']:
             for dom in 'AB':
-                critic = build_critic(cfg, dom)
+                critic = build_critic(arch, dom)
                 nets[f'disG{dom}'], nets[f'disL{dom}'] = critic['G'], critic['L']
     return {key: {k: tuple(v.shape) for k, v in net.state_dict().items()} for key, net in nets.items()}
 
@@ -275,9 +273,27 @@ def tf_shapes(arch: dict) -> dict[str, tuple[int, ...]]:
             for key, (scope, rules) in network_rules(arch).items() for rule in rules}
 
 
-def convert(path: str | Path, smoothing: bool = True, img_size: int | None = None) -> dict:
-    """The checkpoint dict of this project for the TF checkpoint at ``path`` (prefix or folder)."""
+# TF's run folder: {UGATIT|UGATIT_light}_{dataset}_{gan_type}_{n_res}resblock_{n_dis}dis_{n_critic}_
+# {adv}_{cycle}_{identity}_{cam}{_sn}{_smoothing} (UGATIT.model_dir), e.g. the released
+# UGATIT_selfie2anime_lsgan_4resblock_6dis_1_1_10_10_1000_sn_smoothing.
+TF_RUN_FOLDER = re.compile(r'^UGATIT(_light)?_.+_\d+resblock_\d+dis_\d+_[^_]+_[^_]+_[^_]+_[^_]+(_sn)?(_smoothing)?$')
+
+
+def smoothing_of(prefix: Path, given: bool | None) -> tuple[bool, str]:
+    """--smoothing is not stored in the checkpoint, but TF names its run folder after it."""
+    if given is not None:
+        return given, 'as given'
+    match = TF_RUN_FOLDER.match(prefix.parent.name)
+    if match:
+        return match.group(3) is not None, f'from the folder name {prefix.parent.name}'
+    return True, "TF's default; pass --smoothing False if the model was trained without it"
+
+
+def convert(path: str | Path, smoothing: bool | None = None, img_size: int | None = None) -> dict:
+    """The checkpoint dict of this project for the TF checkpoint at ``path`` (prefix or folder);
+    ``smoothing`` None reads it from TF's run-folder name, else TF's default True."""
     ckpt = TFCheckpoint(path)
+    smoothing, smoothing_source = smoothing_of(ckpt.prefix, smoothing)
     arch = infer_arch(ckpt.shapes(), smoothing, img_size)
     nets = network_rules(arch)
     check_variables(list(ckpt), nets)
@@ -286,14 +302,15 @@ def convert(path: str | Path, smoothing: bool = True, img_size: int | None = Non
     step = re.search(r'-(\d+)$', ckpt.prefix.name)
     config = {k: v for k, v in arch.items() if k != 'has_discriminators'}
     state.update({'config': config, 'step': 0, 'format': FORMAT,
-                  'source': {'tf_checkpoint': str(ckpt.prefix), 'tf_step': int(step.group(1)) if step else -1}})
+                  'source': {'tf_checkpoint': str(ckpt.prefix), 'tf_step': int(step.group(1)) if step else -1,
+                             'smoothing': smoothing_source}})
     return state
 
 
 def describe(state: dict) -> str:
     cfg = state['config']
     parts = [f"{'light' if cfg['light'] else 'full'} model", f"ch {cfg['ch']}", f"{cfg['img_size']} px",
-             f"TF graph {cfg['tf_graph']}", f"smoothing {cfg['smoothing']}"]
+             f"TF graph {cfg['tf_graph']}", f"smoothing {cfg['smoothing']} ({state['source']['smoothing']})"]
     if 'disGA' in state:
         parts.append(f"discriminators {cfg['n_global_dis']}/{cfg['n_local_dis']} layers"
                      f"{'' if cfg['sn'] else ' without spectral norm'}")
@@ -307,8 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument('checkpoint', help='TF checkpoint prefix (.../UGATIT.model-N) or its folder')
     parser.add_argument('output', type=Path, help='the .pt file to write')
-    parser.add_argument('--smoothing', type=_bool, default=True, metavar='BOOL',
-                        help="TF's --smoothing the model was trained with (not stored in TF checkpoints)")
+    parser.add_argument('--smoothing', type=_bool, default=None, metavar='BOOL',
+                        help="TF's --smoothing the model was trained with; not stored in the checkpoint. None: "
+                        "from TF's run-folder name (…_smoothing), else True (TF's default)")
     parser.add_argument('--img_size', type=int, default=None,
                         help='image size of a light model (not stored in it; default 256, TF\'s default); '
                         'full models record it')

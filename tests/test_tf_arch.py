@@ -5,7 +5,6 @@ The reference checkpoints in tests/data/tf were written by the official TF code 
 """
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,8 +15,8 @@ import main
 import networks as N
 import tf_checkpoint as T
 import utils
+from model import build_critic, build_generator
 from scripts import convert_tf_checkpoint as C
-from ugatit import build_critic, build_generator
 
 DATA = Path(__file__).resolve().parent / 'data' / 'tf'
 IMG_SIZE = {'tf_head_light64': 64, 'tf_2019_full64': None}   # a light model does not record its size
@@ -38,7 +37,7 @@ def _stems(ref, direction: str) -> list[str]:
 
 
 def _generator(state: dict, key: str) -> N.ResnetGenerator:
-    net = build_generator(SimpleNamespace(**state['config']))
+    net = build_generator(state['config'])
     net.load_state_dict(state[key])
     return net.eval()
 
@@ -136,6 +135,39 @@ def test_converted_generators_reproduce_official_outputs(converted, name, direct
                                    rtol=1e-5, atol=1e-4)
 
 
+def _png(path: Path) -> np.ndarray:
+    from PIL import Image
+    return np.asarray(Image.open(path).convert('RGB')).astype(np.int16)
+
+
+def _official_png(image: np.ndarray) -> np.ndarray:
+    return np.round((np.clip(image[0], -1, 1) + 1) * 127.5).astype(np.int16)
+
+
+@pytest.mark.parametrize('name', list(IMG_SIZE))
+def test_converted_checkpoint_translates_through_main_without_model_flags(tmp_path, name):
+    """convert, then main.py --phase img_dir with only --checkpoint: the official translations to
+    within one 8-bit level; float outputs (both directions) within 1e-4 through load_translator."""
+    import model
+    out = tmp_path / 'converted.pt'
+    assert C.main([str(DATA / name / 'ckpt'), str(out)] + (['--img_size', '64'] if IMG_SIZE[name] else [])) == 0
+    assert main.main(['--phase', 'img_dir', '--img_dir', str(DATA / name / 'inputs' / 'testA'),
+                      '--checkpoint', str(out), '--out_dir', str(tmp_path / 'A2B'), '--result_dir', str(tmp_path / 'r'),
+                      '--device', 'cpu', '--num_workers', '0']) == 0
+    ref = _reference(name)
+    for stem in _stems(ref, 'A2B'):
+        written = _png(tmp_path / 'A2B' / f'{stem}.png')
+        assert np.abs(written - _official_png(ref[f'A2B/{stem}/image'])).max() <= 1
+    translator, _ = model.load_translator(out)
+    for direction in DIRECTIONS:
+        for stem in _stems(ref, direction):
+            fake = translator.translate(_nchw(ref[f'{direction}/{stem}/input']), direction)
+            np.testing.assert_allclose(fake.image.permute(0, 2, 3, 1).numpy(), ref[f'{direction}/{stem}/image'],
+                                       atol=1e-4)
+            np.testing.assert_allclose(fake.cam_logit.numpy(), ref[f'{direction}/{stem}/cam_logit'], atol=1e-4)
+            np.testing.assert_allclose(fake.heatmap[0, 0].numpy(), ref[f'{direction}/{stem}/heatmap'], atol=1e-4)
+
+
 def test_smoothing_flag_matters(converted):
     """The comparison above can tell smoothing on from off (SPEC: errors 0.07–0.48 when flipped)."""
     name = 'tf_head_light64'
@@ -152,7 +184,7 @@ def test_smoothing_flag_matters(converted):
 def test_converted_discriminators_reproduce_official_outputs(converted, name, domain):
     """Logits, CAM logits and heatmaps of one training-mode run, and u after its power iteration."""
     state, ref = converted[name], _reference(name)
-    critic = build_critic(SimpleNamespace(**state['config']), domain)
+    critic = build_critic(state['config'], domain)
     x = _nchw(ref[f'D_{domain}/input'])
     for scale, tf_scale in (('G', 'global'), ('L', 'local')):
         net = critic[scale]
@@ -196,27 +228,72 @@ VARIANTS = [dict(light=True, img_size=128, tf_graph='2019', sn=True, n_dis=6),
             dict(light=True, img_size=256, tf_graph='current', sn=True, n_dis=3, has_discriminators=False)]
 
 
+def _tf_arch(**variant) -> dict:
+    """An architecture dict as infer_arch returns it (TF's n_dis gives both depths)."""
+    arch = {'arch': 'tf', 'smoothing': False, 'ch': 2, 'n_res': 4, 'img_ch': 3, 'use_se': False, 'attention_gan': 0,
+            'attention_input': False, 'use_deconv': False, 'cam_D_attention': True, 'cam_D_weight': 1.0,
+            'use_grouploss': False, 'groups': None, 'has_discriminators': True, **variant}
+    return {**arch, 'n_global_dis': arch['n_dis'] + 1, 'n_local_dis': arch['n_dis'] - 1}
+
+
+def _random_tf_checkpoint(prefix: Path, arch: dict) -> None:
+    rng = np.random.default_rng(0)
+    T.write_checkpoint(prefix, {k: rng.standard_normal(s).astype(np.float32) * 0.1
+                                for k, s in C.tf_shapes(arch).items()})
+
+
 @pytest.mark.parametrize('variant', VARIANTS)
 def test_any_variant_is_inferred_and_converts(tmp_path, variant):
     """Light/full, both graphs, with or without spectral norm, any depth: inferred from the variables
     alone, converted, and loaded strictly into the networks the stored config builds."""
-    arch = {'arch': 'tf', 'smoothing': False, 'ch': 2, 'n_res': 4, 'img_ch': 3, 'use_se': False, 'attention_gan': 0,
-            'attention_input': False, 'use_deconv': False, 'cam_D_attention': True, 'cam_D_weight': 1.0,
-            'use_grouploss': False, 'groups': None, 'has_discriminators': True, **variant}
-    n_dis = arch['n_dis']
-    arch.update(n_global_dis=n_dis + 1, n_local_dis=n_dis - 1)
+    arch = _tf_arch(**variant)
     shapes = C.tf_shapes(arch)
     light_size = arch['img_size'] if arch['light'] else None
     assert C.infer_arch(shapes, smoothing=False, img_size=light_size) == (
         arch if arch['has_discriminators'] else {**arch, 'sn': True, 'n_global_dis': 7, 'n_local_dis': 5, 'n_dis': 6})
-    rng = np.random.default_rng(0)
-    T.write_checkpoint(tmp_path / 'UGATIT.model-3', {k: rng.standard_normal(s).astype(np.float32) * 0.1
-                                                     for k, s in shapes.items()})
+    _random_tf_checkpoint(tmp_path / 'UGATIT.model-3', arch)
     state = C.convert(tmp_path, smoothing=False, img_size=light_size)
     size = arch['img_size']
     with torch.no_grad():
         out = _generator(state, 'genA2B')(torch.rand(1, 3, size, size) * 2 - 1)
     assert out.image.shape == (1, 3, size, size) and torch.isfinite(out.image).all()
+
+
+def test_converted_checkpoint_fine_tunes_with_resume(tiny_dataset, tmp_path):
+    """README's recipe: put the converted file where the run's checkpoints go and --resume; the
+    weights are the converted ones, optimizer moments start fresh, training continues from step 1."""
+    import checkpoints
+    from ugatit import UGATIT
+    arch = _tf_arch(light=False, img_size=32, tf_graph='2019', sn=True, n_dis=4)
+    _random_tf_checkpoint(tmp_path / 'tf' / 'UGATIT.model-500000', arch)
+    cfg = main.parse_args(tiny_flags(tiny_dataset, tmp_path / 'out', '--arch', 'tf', '--tf_graph', '2019',
+                                     '--light', 'False', '--ch', '2', '--n_res', '4', '--n_global_dis', '5',
+                                     '--n_local_dis', '3', '--iteration', '3', '--resume', 'True'))
+    target = checkpoints.RunFiles(cfg.result_dir, cfg.dataset_name).checkpoint_path(0)
+    assert C.main([str(tmp_path / 'tf'), str(target)]) == 0
+    trainer = UGATIT(cfg)
+    assert checkpoints.resume(trainer) == target and trainer.step == 0
+    converted = utils.load_checkpoint(target)
+    for key in ('genA2B', 'disGB', 'disLA'):
+        for name, value in trainer.pt_module(key).state_dict().items():
+            torch.testing.assert_close(value, converted[key][name], rtol=0, atol=0)
+    logs = trainer.train_step(random_batches(1)[0], trainer.step + 1)
+    assert all(torch.isfinite(v) for v in logs.values())
+
+
+def test_smoothing_is_read_from_tf_run_folder_names(tmp_path):
+    """TF names its run folder ..._sn_smoothing when trained with --smoothing True (the released
+    selfie2anime folder is so named); an explicit --smoothing wins, a renamed folder means True."""
+    import shutil
+    source = DATA / 'tf_2019_full64' / 'ckpt'
+    plain = tmp_path / 'UGATIT_selfie2anime_lsgan_4resblock_6dis_1_1_10_10_1000_sn'
+    smoothed = tmp_path / 'UGATIT_selfie2anime_lsgan_4resblock_6dis_1_1_10_10_1000_sn_smoothing'
+    for folder in (plain, smoothed):
+        shutil.copytree(source, folder)
+    assert C.convert(plain)['config']['smoothing'] is False
+    assert C.convert(smoothed)['config']['smoothing'] is True
+    assert C.convert(smoothed, smoothing=False)['config']['smoothing'] is False
+    assert C.convert(source)['config']['smoothing'] is True
 
 
 def test_generators_alone_are_enough(tmp_path):
