@@ -32,8 +32,9 @@ class Arch:
     TF differs from PT only where this object says so: biases on every generator conv and FC,
     learnable scale/offset in the encoder instance norms, TF's padding rule, biased variance in the
     layer-instance norms, AdaLIN ρ initialised to 1 (``smoothing``: effective ρ = clip(ρ − 0.1, 0, 1)),
-    one CAM FC with bias shared by GAP and GMP (:class:`SharedCAM`), a bias on D's last conv, no EN
-    extra layers in shallow discriminators, and N(0, 0.02) initialisation. ``graph`` picks TF's code
+    one CAM FC with bias shared by GAP and GMP (:class:`SharedCAM`), the full model's MLP input
+    flattened as (h, w, c), a bias on D's last conv, no EN extra layers in shallow discriminators,
+    and N(0, 0.02) initialisation. ``graph`` picks TF's code
     version: ``'current'`` (HEAD) or ``'2019'`` (2019-08-15, which the released checkpoints most
     likely come from; its CAM differs, see :class:`SharedCAM`).
     """
