@@ -10,7 +10,8 @@ table (uncompressed or Snappy blocks), the few protobuf fields it needs, and the
 
 :func:`write_checkpoint` writes the same format (no compression, several blocks) for tests and
 benchmarks. TensorFlow itself is never imported: users should not need a 600 MB install to
-convert one file.
+convert one file. A module of its own, not part of the converter script, because it is a file
+format with no U-GAT-IT knowledge: the converter, the tests and any later loader share it.
 """
 from __future__ import annotations
 

@@ -83,20 +83,28 @@ def _dense(key: str, scope: str, kernel: Layout = DENSE) -> list[Rule]:
     return [Rule(f'{scope}/dense/kernel', f'{key}.weight', kernel), Rule(f'{scope}/dense/bias', f'{key}.bias')]
 
 
-def _sn_layer(key: str, scope: str, sn: bool, kernel: Layout) -> list[Rule]:
-    """A discriminator layer: TF's spectral-norm branch names kernel/bias/u directly in the scope."""
-    if not sn:
-        layer = 'dense' if kernel is DENSE else 'conv2d'
-        return [Rule(f'{scope}/{layer}/kernel', f'{key}.weight', kernel), Rule(f'{scope}/{layer}/bias', f'{key}.bias')]
+def _sn_layer(key: str, scope: str, kernel: Layout) -> list[Rule]:
+    """A spectral-normalised layer: TF names kernel/bias/u directly in the scope."""
     return [Rule(f'{scope}/kernel', f'{key}.weight_orig', kernel), Rule(f'{scope}/bias', f'{key}.bias'),
             Rule(f'{scope}/u', f'{key}.weight_u', SN_U)]
 
 
+def _critic_conv(key: str, scope: str, sn: bool) -> list[Rule]:
+    return _sn_layer(key, scope, CONV) if sn else _conv(key, scope)
+
+
+def _cam(graph: str, sn: bool) -> list[Rule]:
+    """TF's CAM_logit scope: kernel and bias (and u under spectral norm); without spectral norm the
+    2019 graph takes the logits from a dense layer of its own in the same scope."""
+    if sn:
+        return _sn_layer('cam.fc', 'CAM_logit', DENSE)
+    rules = [Rule('CAM_logit/kernel', 'cam.fc.weight', DENSE), Rule('CAM_logit/bias', 'cam.fc.bias')]
+    return rules + (_dense('cam.logit_fc', 'CAM_logit') if graph == '2019' else [])
+
+
 def generator_rules(n_res: int, graph: str) -> list[Rule]:
     """Every variable of one TF generator scope (n_res must be 4 in TF)."""
-    rules = [Rule('CAM_logit/kernel', 'cam.fc.weight', DENSE), Rule('CAM_logit/bias', 'cam.fc.bias')]
-    if graph == '2019':   # the 2019 graph's logits come from a separate dense layer in the same scope
-        rules += _dense('cam.logit_fc', 'CAM_logit')
+    rules = _cam(graph, sn=False)
     rules += _conv('conv1x1', 'conv_1x1') + _dense('gamma', 'MLP/gamma') + _dense('beta', 'MLP/beta')
     for i in range(n_res):
         for half, j in (('res1', 1), ('res2', 2)):
@@ -128,15 +136,9 @@ def critic_rules(n_layers: int, sn: bool, graph: str) -> list[Rule]:
     """Every variable of one TF discriminator (global or local) scope; ``n_layers`` in PT counting."""
     rules = []
     for k in range(n_layers - 2):   # stride-2 convs conv_0..conv_{n-3} at model.1, .4, .7, ...
-        rules += _sn_layer(f'model.{3 * k + 1}', f'conv_{k}', sn, CONV)
-    rules += _sn_layer(f'model.{3 * (n_layers - 2) + 1}', 'conv_last', sn, CONV)
-    if sn:
-        rules += _sn_layer('cam.fc', 'CAM_logit', True, DENSE)
-    else:
-        rules += [Rule('CAM_logit/kernel', 'cam.fc.weight', DENSE), Rule('CAM_logit/bias', 'cam.fc.bias')]
-        if graph == '2019':
-            rules += _dense('cam.logit_fc', 'CAM_logit')
-    return rules + _conv('conv1x1', 'conv_1x1') + _sn_layer('conv', 'D_logit', sn, CONV)
+        rules += _critic_conv(f'model.{3 * k + 1}', f'conv_{k}', sn)
+    rules += _critic_conv(f'model.{3 * (n_layers - 2) + 1}', 'conv_last', sn)
+    return rules + _cam(graph, sn) + _conv('conv1x1', 'conv_1x1') + _critic_conv('conv', 'D_logit', sn)
 
 
 # ----------------------------------------------------------------------------------------------
