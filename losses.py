@@ -392,11 +392,12 @@ def build_generator_terms(cfg, device: torch.device) -> list:
 
 def kernels(module: torch.nn.Module) -> list[torch.nn.Parameter]:
     """The conv and dense kernels of a network (the un-normalised ``weight_orig`` under spectral
-    norm): what TF's ``l2_regularizer`` covers. Biases, norm scales and offsets, and ρ are left out."""
+    norm): what TF's ``l2_regularizer`` covers. Biases, norm scales and offsets, and ρ are left out,
+    as are layers marked ``l2_regularised = False`` (variables TF made without the regulariser)."""
     layers = (torch.nn.Conv2d, torch.nn.ConvTranspose2d, torch.nn.Linear)
     found = []
     for layer in module.modules():
-        if isinstance(layer, layers):
+        if isinstance(layer, layers) and getattr(layer, 'l2_regularised', True):
             weight = layer.weight_orig if hasattr(layer, 'weight_orig') else layer.weight
             if isinstance(weight, torch.nn.Parameter):
                 found.append(weight)

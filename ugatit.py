@@ -606,7 +606,7 @@ class UGATIT:
 
 def uses_kernel_l2(cfg) -> bool:
     """--arch tf regularises as TF does: an L2 loss term on kernels instead of Adam's weight decay."""
-    return getattr(cfg, 'arch', 'pt') == 'tf'
+    return cfg.arch == 'tf'
 
 
 def pt_lr(step: int, lr: float, iterations: int) -> float:

@@ -154,7 +154,7 @@ def test_no_penalty_for_gan_lsgan_hinge():
 # ----------------------------------------------------------------------------------------------
 # Training with each objective
 
-ARCHS = ['pt'] + (['tf'] if '--arch' in main.build_parser()._option_string_actions else [])
+ARCHS = ['pt', 'tf']
 ARCH_FLAGS = {'pt': (), 'tf': ('--arch', 'tf', '--n_res', '4')}
 
 

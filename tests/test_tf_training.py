@@ -9,7 +9,6 @@ import torch
 from conftest import make_domain, random_batches, tiny_flags, tiny_trainer
 
 import main
-import ugatit
 import utils
 
 
@@ -81,19 +80,23 @@ def test_epoch_run_trains_epoch_times_iteration_steps(tiny_dataset, tmp_path):
     assert state['step'] == 4 and state['lr'] == pytest.approx(1e-4 * 1 / 1)   # epoch 1 of 2, decay from 1
 
 
-def test_arch_tf_regularises_kernels_with_a_loss_term(tiny_dataset, tmp_path):
-    cfg = main.parse_args(tiny_flags(tiny_dataset, tmp_path / 'out', '--iteration', '10', '--weight_decay', '0.01'))
-    cfg.arch = 'tf'   # only the regularisation style is read here; the networks come from --arch itself
-    trainer = ugatit.UGATIT(cfg)
+@pytest.mark.parametrize('graph', ['current', '2019'])
+def test_arch_tf_regularises_kernels_with_a_loss_term(tiny_dataset, tmp_path, graph):
+    trainer = tiny_trainer(tiny_dataset, tmp_path, '--arch', 'tf', '--tf_graph', graph, '--n_res', '4',
+                           '--weight_decay', '0.01')
     assert all(group['weight_decay'] == 0.0 for opt in (trainer.G_optim, trainer.D_optim)
                for group in opt.param_groups)
-    # Hand count: PT's G has kernels only under '*.weight' names (norms hold rho/gamma/beta); D's
-    # spectral-normalised kernels are '*.weight_orig' plus the plain 1×1 conv.
-    g_kernels = [p for name, p in trainer.G.named_parameters() if name.endswith('weight')]
-    d_kernels = [p for name, p in trainer.D.named_parameters()
-                 if name.endswith('weight_orig') or name.endswith('conv1x1.weight')]
-    want_g = 0.01 * sum(float((p.detach().double() ** 2).sum()) for p in g_kernels) / 2
-    want_d = 0.01 * sum(float((p.detach().double() ** 2).sum()) for p in d_kernels) / 2
+
+    # Hand count: kernels are the ≥2-D 'weight' ('weight_orig' under spectral norm) tensors; norm
+    # scales, biases and rho are 1-D or named otherwise. TF 2019 made G's CAM scaling kernel unregularised.
+    def hand(net, skip=()):
+        kernels = [p for name, p in net.named_parameters()
+                   if name.rsplit('.', 1)[-1] in ('weight', 'weight_orig') and p.dim() >= 2
+                   and not name.endswith(skip)]
+        return 0.01 * sum(float((p.detach().double() ** 2).sum()) for p in kernels) / 2
+
+    skip = ('cam.fc.weight',) if graph == '2019' else ()
+    want_g, want_d = hand(trainer.G, skip), hand(trainer.D)
     logs = trainer.train_step(random_batches(1)[0], 1)
     assert logs['G/l2'].item() == pytest.approx(want_g, rel=1e-5)
     assert logs['D/l2'].item() == pytest.approx(want_d, rel=1e-5)
