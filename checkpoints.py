@@ -212,3 +212,26 @@ def resume(trainer) -> Path | None:
         trainer.log(f'note: {note}')
     trainer.step = found.step
     return found.path
+
+
+def start_step(trainer) -> int:
+    """1 for a fresh run, step + 1 after resuming; a fresh run never mixes with an old one."""
+    cfg = trainer.cfg
+    if cfg.resume:
+        path = resume(trainer)
+        if path is not None:
+            trainer.log(f'resumed from {path} at step {trainer.step}')
+            return trainer.step + 1
+        trainer.log(f'no checkpoint in {trainer.files.model_dir}: starting from scratch')
+        return 1
+    files = trainer.files
+    existing = files.existing_run() if trainer.dist.is_main else []
+    if existing and cfg.overwrite:
+        trainer.log(f'--overwrite: moved the earlier run to {files.archive()}')
+    elif existing:
+        more = ' and more' if len(existing) > 1 else ''
+        raise utils.UserError(
+            f'{files.run_dir} already holds a run ({existing[0]}{more}): continue it with --resume True, start a '
+            f'separate one with another --result_dir, or pass --overwrite True to move the old run aside')
+    trainer.dist.barrier()
+    return 1

@@ -1,4 +1,4 @@
-"""Data: image discovery, RGB decoding, transforms, histogram matching, blur images and the training
+"""Data (image files themselves: images.py): transforms, histogram matching, blur images and the training
 batch stream (SPEC A8, §1.5, §1.10, §1.11).
 
 Reproducibility: every random choice of the training stream (which images, flips, crops, the
@@ -13,7 +13,6 @@ import hashlib
 import io
 import math
 import os
-import struct
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -29,116 +28,22 @@ from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
+from images import (  # noqa: F401 - re-exported: dataset.find_images etc. are the data API
+    _DECODE_ERRORS,
+    _WARNED,
+    IMG_EXTENSIONS,
+    LAYOUT,
+    DatasetError,
+    UnreadableImage,
+    _readable_images,
+    _warn_skipped,
+    find_images,
+    load_rgb,
+)
+
 SPLITS = ('trainA', 'trainB', 'testA', 'testB')
 MATCH_MODES = ('hsv', 'hsl', 'rgb')
 GROUP_SAMPLING = ('round_robin', 'balanced')
-LAYOUT = 'dataset/<name>/{trainA,trainB,testA,testB}/ holding image files'
-# Pillow's ways of failing on a corrupt or foreign file.
-_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError)
-
-
-class DatasetError(Exception):
-    """A user-fixable data problem; the message says what is wrong and how to fix it."""
-
-
-class UnreadableImage(DatasetError):
-    """A file with an image extension that cannot be decoded."""
-
-
-# ---------------------------------------------------------------------------------------------------
-# Finding and reading images
-
-
-def find_images(folder: Path) -> list[Path]:
-    """All image files under `folder` (recursive, case-insensitive extensions), sorted."""
-    files = (p for p in Path(folder).rglob('*') if p.suffix.lower() in IMG_EXTENSIONS and p.is_file())
-    return sorted(files, key=lambda p: p.as_posix())
-
-
-def load_rgb(path: str | Path) -> Image.Image:
-    """Decode any image file to an 8-bit RGB PIL image.
-
-    Transparent images (RGBA, LA, PA, P with transparency) are composited on white, since what
-    lies under fully transparent pixels is arbitrary. 16-bit and 32-bit images are scaled, not
-    clipped, to 8 bits. Raises UnreadableImage for corrupt or non-image files.
-    """
-    try:
-        with Image.open(path) as img:
-            img.load()
-            return _to_rgb(img)
-    except _DECODE_ERRORS as exc:
-        raise UnreadableImage(f'cannot read image {path} ({exc}); delete or replace the file') from exc
-
-
-def _to_rgb(img: Image.Image) -> Image.Image:
-    if img.mode.startswith('I') or img.mode == 'F':
-        return Image.fromarray(_scale_to_uint8(np.asarray(img), img.mode)).convert('RGB')
-    if img.mode == 'PA' or (img.mode == 'P' and 'transparency' in img.info):
-        img = img.convert('RGBA')
-    if img.mode in ('RGBA', 'RGBa', 'LA', 'La'):
-        rgba = img.convert('RGBA')
-        white = Image.new('RGBA', rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert('RGB')
-    return img.convert('RGB')  # also copies RGB, so the result outlives the opened file
-
-
-def _scale_to_uint8(arr: np.ndarray, mode: str) -> np.ndarray:
-    """Map high-bit-depth pixel values to 0..255 (Pillow's own convert() would clip at 255)."""
-    values = np.nan_to_num(arr.astype(np.float64))
-    top = float(values.max()) if values.size else 0.0
-    if mode == 'F' and values.min() >= 0.0 and top <= 1.0:
-        scale = 255.0  # float image in [0, 1]
-    elif mode.startswith('I;16') or 255.0 < top <= 65535.0:
-        scale = 255.0 / 65535.0  # 16-bit: 65535 -> 255 and 257*v -> v exactly
-    elif top > 65535.0:
-        scale = 255.0 / top
-    else:
-        scale = 1.0  # already 8-bit values stored in a wide type
-    return np.clip(np.rint(values * scale), 0, 255).astype(np.uint8)
-
-
-_READABLE: dict[tuple[str, int, int], bool] = {}
-
-
-def _is_readable(path: Path) -> bool:
-    """Decode the file once (JPEGs at 1/8 scale, which is cheap); cached per (path, mtime, size)."""
-    stat = path.stat()
-    key = (str(path), stat.st_mtime_ns, stat.st_size)
-    if key not in _READABLE:
-        try:
-            with Image.open(path) as img:
-                img.draft('RGB', (32, 32))
-                img.load()
-            _READABLE[key] = True
-        except _DECODE_ERRORS:
-            _READABLE[key] = False
-    return _READABLE[key]
-
-
-_WARNED: set[str] = set()
-
-
-def _warn_skipped(skipped: Sequence[Path]) -> None:
-    """One line per unreadable file, once per process (validation and training both list folders)."""
-    for path in skipped:
-        if str(path) not in _WARNED:
-            _WARNED.add(str(path))
-            print(f'warning: skipping unreadable image {path}', file=sys.stderr)
-
-
-def _readable_images(folder: Path) -> list[Path]:
-    """Readable images under `folder`; warns once naming the unreadable ones; DatasetError if none."""
-    if not folder.is_dir():
-        raise DatasetError(f'folder {folder} does not exist; expected {LAYOUT}')
-    found = find_images(folder)
-    good = [p for p in found if _is_readable(p)]
-    _warn_skipped([p for p in found if not _is_readable(p)])  # cached: no second decode
-    if not good:
-        detail = f'{len(found)} unreadable file(s)' if found else 'no file with extension ' + ' '.join(
-            IMG_EXTENSIONS)
-        raise DatasetError(f'no readable image in {folder} ({detail}); put images there')
-    return good
 
 
 def resolve_dataset_root(dataset: str) -> Path:
@@ -631,3 +536,23 @@ def build_test_loader(folder: Path, img_size: int, batch_size: int = 1, num_work
     `folder`; a name is the relative path without extension ('img1', 'sub/img2')."""
     return DataLoader(_FolderDataset(Path(folder), img_size), batch_size=batch_size, shuffle=False,
                       num_workers=num_workers, collate_fn=_collate_named)
+
+
+def train_stream(cfg, root: Path, start: int, dist_ctx, pin_memory: bool = False) -> TrainStream:
+    """The training batches the flags describe, from step ``start`` on (EN's blur images are made
+    once by rank 0 and cached next to the data)."""
+    blur_root = None
+    if cfg.has_blur:
+        if dist_ctx.is_main:
+            for dom in 'AB':
+                written = make_blur_images(root / f'train{dom}', root / f'blur{dom}')
+                if written:
+                    print(f'wrote {written} blurred images to {root / f"blur{dom}"}', file=sys.stderr)
+        dist_ctx.barrier()
+        blur_root = root
+    return build_train_stream(
+        root, cfg.img_size, cfg.batch_size, cfg.seed, start_step=start, rank=dist_ctx.rank,
+        world_size=dist_ctx.world_size, num_workers=cfg.num_workers, pin_memory=pin_memory, aug_prob=cfg.aug_prob,
+        match_histograms=cfg.match_histograms, match_mode=cfg.match_mode, match_prob=cfg.match_prob,
+        match_ratio=cfg.match_ratio, blur_root=blur_root, groups=cfg.groups, group_sampling=cfg.group_sampling,
+        augment_flag=cfg.augment_flag, paired=cfg.paired)

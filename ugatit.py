@@ -15,7 +15,6 @@ import contextlib
 import json
 import math
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,7 +115,7 @@ class UGATIT:
         self.segmenter = segmenter_from_flags(cfg, self.device) if cfg.use_faceseg else None
         self.g_terms = L.build_generator_terms(cfg, self.device)
         self.frozen_on_other_groups = self._selective_backprop_params()
-        self.G_run, self.D_run = self._wrap_for_speed()
+        self.G_run, self.D_run = utils.wrap_for_speed(self.G, self.D, self.dist, cfg.compile)
 
     # -- construction helpers --------------------------------------------------------------------
 
@@ -144,20 +143,6 @@ class UGATIT:
         from networks import ResnetBlock
         return [p for g in self.G.values() for block in g.DownBlock if isinstance(block, ResnetBlock)
                 for p in block.parameters()]
-
-    def _wrap_for_speed(self) -> tuple[dict, dict]:
-        """DDP wrappers (gradient all-reduce) and torch.compile around the raw modules."""
-        G_run = {name: g for name, g in self.G.items()}
-        D_run = {dom: {scale: d for scale, d in critic.items()} for dom, critic in self.D.items()}
-        if self.dist.enabled:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-            ids = [self.device.index] if self.device.type == 'cuda' else None
-            G_run = {k: DDP(m, device_ids=ids) for k, m in G_run.items()}
-            D_run = {dom: {s: DDP(m, device_ids=ids) for s, m in c.items()} for dom, c in D_run.items()}
-        if self.cfg.compile:
-            G_run = {k: torch.compile(m) for k, m in G_run.items()}
-            D_run = {dom: {s: torch.compile(m) for s, m in c.items()} for dom, c in D_run.items()}
-        return G_run, D_run
 
     # -- schedule ----------------------------------------------------------------------------------
 
@@ -443,27 +428,6 @@ class UGATIT:
 
     # -- training loop -----------------------------------------------------------------------------
 
-    def _start_step(self) -> int:
-        """1 for a fresh run, step + 1 after resuming; a fresh run never mixes with an old one."""
-        cfg = self.cfg
-        if cfg.resume:
-            path = checkpoints.resume(self)
-            if path is not None:
-                self.log(f'resumed from {path} at step {self.step}')
-                return self.step + 1
-            self.log(f'no checkpoint in {self.files.model_dir}: starting from scratch')
-            return 1
-        existing = self.files.existing_run() if self.dist.is_main else []
-        if existing and cfg.overwrite:
-            self.log(f'--overwrite: moved the earlier run to {self.files.archive()}')
-        elif existing:
-            raise utils.UserError(
-                f'{self.run_dir} already holds a run ({existing[0]}{" and more" if len(existing) > 1 else ""}): '
-                f'continue it with --resume True, start a separate one with another --result_dir, or pass '
-                f'--overwrite True to move the old run aside')
-        self.dist.barrier()
-        return 1
-
     def train(self) -> None:
         """Train from scratch or resume; periodic logs, previews, metrics and checkpoints.
 
@@ -471,7 +435,7 @@ class UGATIT:
         step, and an error after it first writes a checkpoint (a NaN stop keeps the last good one).
         """
         cfg = self.cfg
-        start = self._start_step()
+        start = checkpoints.start_step(self)
         if start > cfg.iteration:
             self.log(f'already trained for {cfg.iteration} iterations; nothing to do')
             return
@@ -528,7 +492,7 @@ class UGATIT:
             if monitor is not None and step % cfg.print_freq == 0:
                 monitor.previews(self, step)
             if cfg.metric_freq and step % cfg.metric_freq == 0:
-                self.evaluate_and_keep_best(evaluation, monitor, step)
+                evaluation.evaluate_and_keep_best(self, monitor, step)
             self._periodic_saves(step, meter, monitor, bar)
             if stop.requested:
                 self._flush(meter, monitor, bar, step)
@@ -536,27 +500,8 @@ class UGATIT:
                 self.log(f'stopped by signal at step {step}; checkpoint saved, resume with --resume True')
                 break
 
-    def _train_stream(self, start: int) -> Iterator[dict[str, torch.Tensor]]:
-        cfg = self.cfg
-        return data.build_train_stream(
-            self.dataset_root, cfg.img_size, cfg.batch_size, cfg.seed, start_step=start,
-            rank=self.dist.rank, world_size=self.dist.world_size, num_workers=cfg.num_workers,
-            pin_memory=self.device.type == 'cuda', aug_prob=cfg.aug_prob,
-            match_histograms=cfg.match_histograms, match_mode=cfg.match_mode, match_prob=cfg.match_prob,
-            match_ratio=cfg.match_ratio, blur_root=self._blur_root(),
-            groups=cfg.groups, group_sampling=cfg.group_sampling, augment_flag=cfg.augment_flag, paired=cfg.paired)
-
-    def _blur_root(self) -> Path | None:
-        """EN's --has_blur: edge-blurred copies of the training images, generated once and cached."""
-        if not self.cfg.has_blur:
-            return None
-        if self.dist.is_main:
-            for dom in 'AB':
-                written = data.make_blur_images(self.dataset_root / f'train{dom}', self.dataset_root / f'blur{dom}')
-                if written:
-                    self.log(f'wrote {written} blurred images to {self.dataset_root / f"blur{dom}"}')
-        self.dist.barrier()
-        return self.dataset_root
+    def _train_stream(self, start: int) -> data.TrainStream:
+        return data.train_stream(self.cfg, self.dataset_root, start, self.dist, pin_memory=self.device.type == 'cuda')
 
     def _flush(self, meter: utils.LossMeter, monitor, bar, step: int) -> None:
         means = meter.flush()
@@ -579,30 +524,8 @@ class UGATIT:
         if not targets:
             return
         self._flush(meter, monitor, bar, step)   # never write weights after a NaN
-        for path in targets:
+        for path in reversed(targets):   # the periodic checkpoint last: it is the one named at the end
             self.save(path)
-
-    # -- evaluation --------------------------------------------------------------------------------
-
-    def evaluate(self, evaluation, use_ema_options: tuple[bool, ...] | None = None) -> tuple[dict, dict]:
-        """FID and KID of test-set translations (raw and EMA generators)."""
-        if use_ema_options is None:
-            use_ema_options = (False, True) if self.ema is not None else (False,)
-        return evaluation.evaluate({'_ema' if e else '': self.translator(e) for e in use_ema_options})
-
-    def evaluate_and_keep_best(self, evaluation, monitor, step: int) -> None:
-        """Metrics on rank 0; the best checkpoint (mean FID of the deployed generators) is kept."""
-        if self.dist.is_main:
-            results, record = self.evaluate(evaluation)
-            monitor.metrics(step, results, record)
-            suffix = '_ema' if self.ema is not None else ''
-            score = sum(results[f'FID/{d.name}{suffix}'] for d in DIRECTIONS) / len(DIRECTIONS)
-            if score < self.best_metric:
-                self.best_metric = score
-                self.save(self.files.best_path)
-                self.log(f'step {step}: new best mean FID {score:.3f} -> {self.files.best_path}')
-        self.dist.barrier()
-
 
 def uses_kernel_l2(cfg) -> bool:
     """--arch tf regularises as TF does: an L2 loss term on kernels instead of Adam's weight decay."""

@@ -278,3 +278,20 @@ class GracefulStop:
     def restore(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+def wrap_for_speed(G: nn.ModuleDict, D: nn.ModuleDict, dist_ctx: DistributedContext,
+                   compile: bool) -> tuple[dict, dict]:
+    """What the training step calls: the raw modules, in DDP wrappers (gradient all-reduce) under
+    torchrun, and torch.compile'd with --compile. ``D`` is {domain: {scale: module}}."""
+    G_run = dict(G.items())
+    D_run = {dom: dict(critic.items()) for dom, critic in D.items()}
+    if dist_ctx.enabled:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        ids = [dist_ctx.device.index] if dist_ctx.device.type == 'cuda' else None
+        G_run = {k: DDP(m, device_ids=ids) for k, m in G_run.items()}
+        D_run = {dom: {s: DDP(m, device_ids=ids) for s, m in c.items()} for dom, c in D_run.items()}
+    if compile:
+        G_run = {k: torch.compile(m) for k, m in G_run.items()}
+        D_run = {dom: {s: torch.compile(m) for s, m in c.items()} for dom, c in D_run.items()}
+    return G_run, D_run

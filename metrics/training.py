@@ -92,3 +92,18 @@ class TranslationMetrics:
         for images, _ in loader:
             fakes = quantise(translator.translate(images, direction).image)
             yield unit_range_features(self.evaluator.model, fakes).double().numpy()
+
+    def evaluate_and_keep_best(self, trainer, monitor, step: int) -> None:
+        """Score the trainer's raw and EMA generators (rank 0), log them, and keep the checkpoint with
+        the best mean FID of the generators inference uses."""
+        if trainer.dist.is_main:
+            options = (False, True) if trainer.ema is not None else (False,)
+            results, record = self.evaluate({'_ema' if e else '': trainer.translator(e) for e in options})
+            monitor.metrics(step, results, record)
+            suffix = '_ema' if trainer.ema is not None else ''
+            score = (results[f'FID/A2B{suffix}'] + results[f'FID/B2A{suffix}']) / 2
+            if score < trainer.best_metric:
+                trainer.best_metric = score
+                trainer.save(trainer.files.best_path)
+                trainer.log(f'step {step}: new best mean FID {score:.3f} -> {trainer.files.best_path}')
+        trainer.dist.barrier()

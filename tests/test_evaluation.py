@@ -66,7 +66,7 @@ def test_kid_per_group_matches_direct_computation(tmp_path, inception_file):
     from metrics.training import TranslationMetrics
     trainer = UGATIT(main.parse_args(tiny_flags(root, tmp_path / 'out', '--group', '0,1')))
     evaluation = TranslationMetrics(root, 32, str(inception_file), 'cpu', groups=[0, 1])
-    results, record = trainer.evaluate(evaluation, (False,))
+    results, record = evaluation.evaluate({'': trainer.translator(False)})
     assert record['images']['A2B'] == {'real': 6, 'fake': 6}
     for g in (0, 1):
         real, fakes = evaluation.features(trainer.translator(False), 'A2B', 'A', 'B', str(g))

@@ -1,0 +1,122 @@
+"""Image files: finding them, decoding any mode to 8-bit RGB, and skipping unreadable ones once.
+
+Its own module because training data, the inference phases, the metrics and the demo all read
+users' image files the same way, and none of them should need the training pipeline for it.
+"""
+from __future__ import annotations
+
+import struct
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
+LAYOUT = 'dataset/<name>/{trainA,trainB,testA,testB}/ holding image files'
+# Pillow's ways of failing on a corrupt or foreign file.
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError)
+
+
+class DatasetError(Exception):
+    """A user-fixable data problem; the message says what is wrong and how to fix it."""
+
+
+class UnreadableImage(DatasetError):
+    """A file with an image extension that cannot be decoded."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Finding and reading images
+
+
+def find_images(folder: Path) -> list[Path]:
+    """All image files under `folder` (recursive, case-insensitive extensions), sorted."""
+    files = (p for p in Path(folder).rglob('*') if p.suffix.lower() in IMG_EXTENSIONS and p.is_file())
+    return sorted(files, key=lambda p: p.as_posix())
+
+
+def load_rgb(path: str | Path) -> Image.Image:
+    """Decode any image file to an 8-bit RGB PIL image.
+
+    Transparent images (RGBA, LA, PA, P with transparency) are composited on white, since what
+    lies under fully transparent pixels is arbitrary. 16-bit and 32-bit images are scaled, not
+    clipped, to 8 bits. Raises UnreadableImage for corrupt or non-image files.
+    """
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return _to_rgb(img)
+    except _DECODE_ERRORS as exc:
+        raise UnreadableImage(f'cannot read image {path} ({exc}); delete or replace the file') from exc
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode.startswith('I') or img.mode == 'F':
+        return Image.fromarray(_scale_to_uint8(np.asarray(img), img.mode)).convert('RGB')
+    if img.mode == 'PA' or (img.mode == 'P' and 'transparency' in img.info):
+        img = img.convert('RGBA')
+    if img.mode in ('RGBA', 'RGBa', 'LA', 'La'):
+        rgba = img.convert('RGBA')
+        white = Image.new('RGBA', rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert('RGB')
+    return img.convert('RGB')  # also copies RGB, so the result outlives the opened file
+
+
+def _scale_to_uint8(arr: np.ndarray, mode: str) -> np.ndarray:
+    """Map high-bit-depth pixel values to 0..255 (Pillow's own convert() would clip at 255)."""
+    values = np.nan_to_num(arr.astype(np.float64))
+    top = float(values.max()) if values.size else 0.0
+    if mode == 'F' and values.min() >= 0.0 and top <= 1.0:
+        scale = 255.0  # float image in [0, 1]
+    elif mode.startswith('I;16') or 255.0 < top <= 65535.0:
+        scale = 255.0 / 65535.0  # 16-bit: 65535 -> 255 and 257*v -> v exactly
+    elif top > 65535.0:
+        scale = 255.0 / top
+    else:
+        scale = 1.0  # already 8-bit values stored in a wide type
+    return np.clip(np.rint(values * scale), 0, 255).astype(np.uint8)
+
+
+_READABLE: dict[tuple[str, int, int], bool] = {}
+
+
+def _is_readable(path: Path) -> bool:
+    """Decode the file once (JPEGs at 1/8 scale, which is cheap); cached per (path, mtime, size)."""
+    stat = path.stat()
+    key = (str(path), stat.st_mtime_ns, stat.st_size)
+    if key not in _READABLE:
+        try:
+            with Image.open(path) as img:
+                img.draft('RGB', (32, 32))
+                img.load()
+            _READABLE[key] = True
+        except _DECODE_ERRORS:
+            _READABLE[key] = False
+    return _READABLE[key]
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_skipped(skipped: Sequence[Path]) -> None:
+    """One line per unreadable file, once per process (validation and training both list folders)."""
+    for path in skipped:
+        if str(path) not in _WARNED:
+            _WARNED.add(str(path))
+            print(f'warning: skipping unreadable image {path}', file=sys.stderr)
+
+
+def _readable_images(folder: Path) -> list[Path]:
+    """Readable images under `folder`; warns once naming the unreadable ones; DatasetError if none."""
+    if not folder.is_dir():
+        raise DatasetError(f'folder {folder} does not exist; expected {LAYOUT}')
+    found = find_images(folder)
+    good = [p for p in found if _is_readable(p)]
+    _warn_skipped([p for p in found if not _is_readable(p)])  # cached: no second decode
+    if not good:
+        detail = f'{len(found)} unreadable file(s)' if found else 'no file with extension ' + ' '.join(
+            IMG_EXTENSIONS)
+        raise DatasetError(f'no readable image in {folder} ({detail}); put images there')
+    return good
