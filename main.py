@@ -10,6 +10,7 @@ import os
 import sys
 from pathlib import Path
 
+import presets
 import utils
 from utils import str2bool
 
@@ -51,6 +52,10 @@ def _flag(group, name: str, default: bool, help: str, *aliases: str) -> None:
                        help=help)
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults in every flag's help; the epilog (presets, torchrun) keeps its line breaks."""
+
+
 class _Parser(argparse.ArgumentParser):
     """Bad flags give one line (what is wrong, where to look) and exit code 2, no usage dump."""
 
@@ -61,10 +66,13 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         description='U-GAT-IT: unpaired image-to-image translation (PyTorch).',
-        epilog='multi-GPU / multi-node: torchrun --nproc_per_node N main.py ... (--batch_size is per process)',
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        epilog=presets.help_text() + '\n\nmulti-GPU / multi-node: torchrun --nproc_per_node N main.py ... '
+        '(--batch_size is per process)',
+        formatter_class=_HelpFormatter)
     run = parser.add_argument_group('run')
     run.add_argument('--phase', default='train', choices=PHASES, help='what to do')
+    run.add_argument('--preset', default=None, choices=list(presets.PRESETS), metavar='NAME',
+                     help='fill in a published recipe (listed below); flags you give override its values')
     run.add_argument('--dataset', default='selfie2anime',
                      help='dataset/NAME/{trainA,trainB,testA,testB}, or a path to such a folder')
     run.add_argument('--result_dir', default='results', help='outputs go to RESULT_DIR/<dataset>/')
@@ -196,7 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse and validate; raises utils.UserError with a one-line message on bad input."""
-    cfg = build_parser().parse_args(argv)
+    parser = build_parser()
+    cfg = parser.parse_args(argv)
+    if cfg.preset:   # the preset's values become defaults, so the flags given still win
+        parser.set_defaults(**presets.PRESETS[cfg.preset].values)
+        cfg = parser.parse_args(argv)
     validate(cfg)
     return cfg
 
