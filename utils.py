@@ -132,8 +132,8 @@ def tensor_to_uint8(image: torch.Tensor) -> np.ndarray:
     return array.round().byte().permute(1, 2, 0).numpy()
 
 
-def heatmap_to_uint8(heatmap: torch.Tensor, size: int) -> np.ndarray:
-    """CAM heatmap (1×h×w) → JET-coloured H×W×3 RGB uint8, normalised by its range.
+def heatmap_to_uint8(heatmap: torch.Tensor, size: int | tuple[int, int]) -> np.ndarray:
+    """CAM heatmap (1×h×w) → JET-coloured RGB uint8 of size×size (or (width, height)), normalised by its range.
 
     PT divides by the maximum only, which yields NaN for an all-zero map.
     """
@@ -142,7 +142,7 @@ def heatmap_to_uint8(heatmap: torch.Tensor, size: int) -> np.ndarray:
     peak = h.max()
     h = h / peak if peak > 0 else h
     gray = (h.numpy() * 255).astype(np.uint8)
-    gray = cv2.resize(gray, (size, size))
+    gray = cv2.resize(gray, (size, size) if isinstance(size, int) else tuple(size))
     return cv2.cvtColor(cv2.applyColorMap(gray, cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
 
 

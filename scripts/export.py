@@ -1,0 +1,84 @@
+"""Export a trained model for sharing: the architecture config and the two generators the test
+phase would use (EMA copies when the checkpoint has them) as safetensors, optionally float16 and
+ONNX; prints each file's size and sha256.
+
+    python scripts/export.py --checkpoint results/selfie2anime/model/selfie2anime_params_1000000.pt \
+        --out exports/selfie2anime [--fp16] [--onnx]
+
+Every inference phase and demo.py then take ``--checkpoint exports/selfie2anime``. Official
+PT-format checkpoints record no architecture: add main.py's model flags (--light, --ch, --n_res,
+--img_size, ...) as for training.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import exports  # noqa: E402
+import model  # noqa: E402
+import utils  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], epilog='Other flags are main.py\'s '
+                                     'model flags, needed only for PT-format checkpoints.',
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument('--checkpoint', required=True, help='training checkpoint (.pt) to export')
+    parser.add_argument('--out', required=True, type=Path, help='folder to write (created if missing)')
+    parser.add_argument('--fp16', action='store_true', help='store the weights as float16 (half the size)')
+    parser.add_argument('--onnx', action='store_true', help='also write A2B.onnx and B2A.onnx (needs onnx, '
+                        'onnxscript: requirements-extras.txt)')
+    parser.add_argument('--no_ema', action='store_true', help='export the raw generators even when EMA weights exist')
+    return parser
+
+
+def architecture_flags(rest: list[str]):
+    """main.py's flags for PT-format checkpoints (which store no architecture), and which were given."""
+    import main
+    parser = main.build_parser()
+    try:
+        flags = parser.parse_args(rest)
+    except SystemExit:
+        raise utils.UserError(f'unknown or bad flags {" ".join(rest)} (see python scripts/export.py --help)') from None
+    flags.n_global_dis = flags.n_dis + 1 if flags.n_global_dis is None else flags.n_global_dis
+    flags.n_local_dis = flags.n_dis - 1 if flags.n_local_dis is None else flags.n_local_dis
+    return flags, main.explicit_flags(rest)
+
+
+def export(args: argparse.Namespace, rest: list[str]) -> list[Path]:
+    """Load the checkpoint's generators as the test phase would, then write the export folder."""
+    flags, explicit = architecture_flags(rest)
+    translator, state = model.load_translator(args.checkpoint, 'cpu', use_ema=not args.no_ema, flags=flags,
+                                              explicit=explicit)
+    if args.out.exists() and any(args.out.iterdir()) and not exports.is_export(args.out):
+        raise utils.UserError(f'--out {args.out} exists and is not an export folder; choose a new or empty folder')
+    config = state.get('config') or {}
+    metadata = {'step': int(state.get('step', 0)), 'ema': bool(state['uses_ema']),
+                'dataset': config.get('dataset_name') or config.get('dataset'),
+                'source': Path(args.checkpoint).name}
+    paths = exports.write_export(translator.generators, translator.arch, args.out, fp16=args.fp16,
+                                 metadata=metadata)
+    if args.onnx:
+        paths += [exports.export_onnx(translator.generators[d], args.out / f'{d}.onnx', translator.arch)
+                  for d in exports.DIRECTIONS]
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, rest = build_parser().parse_known_args(argv)
+    try:
+        paths = export(args, rest)
+    except utils.UserError as exc:
+        print(f'error: {exc}', file=sys.stderr)
+        return 2
+    print(f'exported {args.checkpoint} to {args.out}:')
+    for line in exports.file_report(paths):
+        print(f'  {line}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
