@@ -31,6 +31,7 @@ DIRECTIONS = ('A2B', 'B2A')
 CHECKPOINT_KEYS = {'A2B': 'genA2B', 'B2A': 'genB2A'}
 ONNX_INPUT = 'image'
 ONNX_OUTPUTS = ('translation', 'heatmap')
+ONNX_EMBED_LIMIT = 1_800_000_000   # bytes of weights kept inside the .onnx file (protobuf's limit is 2 GB)
 
 
 def is_export(path: str | Path) -> bool:
@@ -114,11 +115,13 @@ class OnnxGenerator(nn.Module):
         return out.image, out.heatmap
 
 
-def export_onnx(generator: nn.Module, path: str | Path, arch: Mapping) -> Path:
+def export_onnx(generator: nn.Module, path: str | Path, arch: Mapping) -> list[Path]:
     """Export one generator with a dynamic batch size, and dynamic H and W (multiples of 4) for
     models that translate any size (:func:`dynamic_size`); other models take img_size×img_size.
 
-    Needs the optional packages onnx and onnxscript (requirements-extras.txt).
+    The weights are embedded in the .onnx file, or beside it in <name>.onnx.data past protobuf's
+    2 GB limit (a full model above ~350 px). Returns the files written. Needs the optional packages
+    onnx and onnxscript (requirements-extras.txt).
     """
     for module in ('onnx', 'onnxscript'):
         try:
@@ -136,12 +139,15 @@ def export_onnx(generator: nn.Module, path: str | Path, arch: Mapping) -> Path:
     if dynamic_size(arch):
         dims[2] = 4 * torch.export.Dim('height_div_4', min=1)
         dims[3] = 4 * torch.export.Dim('width_div_4', min=1)
+    n_bytes = sum(t.numel() * t.element_size() for t in wrapper.state_dict().values())
+    external = n_bytes > ONNX_EMBED_LIMIT
     # The exporter narrates its progress on stdout and warns about internals; keep the CLI output ours.
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
         warnings.simplefilter('ignore')
         torch.onnx.export(wrapper, (example,), str(path), input_names=[ONNX_INPUT], output_names=list(ONNX_OUTPUTS),
-                          dynamic_shapes={'image': dims}, dynamo=True)
-    return path
+                          dynamic_shapes={'image': dims}, dynamo=True, external_data=external)
+    data = path.with_name(path.name + '.data')
+    return [path, data] if external else [path]
 
 
 # ----------------------------------------------------------------------------------------------

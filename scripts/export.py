@@ -62,8 +62,9 @@ def export(args: argparse.Namespace, rest: list[str]) -> list[Path]:
     paths = exports.write_export(translator.generators, translator.arch, args.out, fp16=args.fp16,
                                  metadata=metadata)
     if args.onnx:
-        paths += [exports.export_onnx(translator.generators[d], args.out / f'{d}.onnx', translator.arch)
-                  for d in exports.DIRECTIONS]
+        for direction in exports.DIRECTIONS:
+            paths += exports.export_onnx(translator.generators[direction], args.out / f'{direction}.onnx',
+                                         translator.arch)
     return paths
 
 

@@ -50,7 +50,9 @@ def test_onnx_matches_pytorch(tmp_path, name):
     pytest.importorskip('onnxscript', reason='ONNX export needs onnxscript (requirements-extras.txt)')
     arch = tiny_arch(**ARCHS[name])
     net = tiny_generator(arch)
-    path = exports.export_onnx(net, tmp_path / 'A2B.onnx', arch)
+    paths = exports.export_onnx(net, tmp_path / 'A2B.onnx', arch)
+    assert paths == [tmp_path / 'A2B.onnx'] and not (tmp_path / 'A2B.onnx.data').exists()   # self-contained
+    path = paths[0]
     session = ort.InferenceSession(str(path), providers=['CPUExecutionProvider'])
     assert [i.name for i in session.get_inputs()] == ['image']
     assert [o.name for o in session.get_outputs()] == ['translation', 'heatmap']
