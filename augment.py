@@ -311,8 +311,16 @@ class AugmentPipe(nn.Module):
         """Augments each sample independently; samples where no op fired are returned bit-identical."""
         if x.ndim != 4:
             raise ValueError(f'expected N×C×H×W images, got shape {tuple(x.shape)}')
+        # Sampling coordinates must be exact: under bf16 autocast a 256-px flip or integer shift
+        # read the wrong columns and the warp grid was off by up to 0.6 px. The pipe runs in
+        # float32 (float64 stays) whatever the caller's autocast, and returns the input's dtype.
+        with torch.autocast(x.device.type, enabled=False):
+            out = self._augment(x if x.dtype == torch.float64 else x.float(), generator)
+        return out.to(x.dtype)
+
+    def _augment(self, x: Tensor, generator: torch.Generator | None) -> Tensor:
         n, c, h, w = x.shape
-        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        dtype = x.dtype
         draw = _Sampler(n, x.device, dtype, generator)
         p = self.p.to(x.device)
         stages = (
@@ -423,3 +431,11 @@ class AdaController:
         self._acc = torch.as_tensor(state['acc'], dtype=torch.float32).to(device).clone()
         self._rt = torch.as_tensor(state['rt'], dtype=torch.float32).to(device).clone()
         self.calls = int(state['calls'])
+
+
+def build_controllers(cfg, device: torch.device, world_size: int = 1) -> dict[str, AdaController]:
+    """One ADA controller per domain's discriminators (F2W's ``ada`` and ``ada2``), from the flags."""
+    return {dom: AdaController(AugmentPipe(cfg.ada_pipeline, p=cfg.ada_p).to(device), target=cfg.ada_target,
+                               interval=cfg.ada_interval, kimg=cfg.ada_kimg,
+                               batch_size=cfg.batch_size * world_size)
+            for dom in 'AB'}

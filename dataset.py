@@ -14,7 +14,8 @@ import io
 import math
 import os
 import struct
-import warnings
+import sys
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -115,12 +116,15 @@ def _is_readable(path: Path) -> bool:
     return _READABLE[key]
 
 
+_WARNED: set[str] = set()
+
+
 def _warn_skipped(skipped: Sequence[Path]) -> None:
-    if not skipped:
-        return
-    names = ', '.join(str(p) for p in skipped[:20])
-    more = f' and {len(skipped) - 20} more' if len(skipped) > 20 else ''
-    warnings.warn(f'skipping {len(skipped)} unreadable image file(s): {names}{more}', stacklevel=3)
+    """One line per unreadable file, once per process (validation and training both list folders)."""
+    for path in skipped:
+        if str(path) not in _WARNED:
+            _WARNED.add(str(path))
+            print(f'warning: skipping unreadable image {path}', file=sys.stderr)
 
 
 def _readable_images(folder: Path) -> list[Path]:
@@ -526,18 +530,27 @@ def build_train_stream(root: Path, img_size: int, batch_size: int, seed: int, *,
 # Test images
 
 
+def output_names(paths: Sequence[Path], folder: Path) -> list[str]:
+    """A unique name per image: its path relative to ``folder`` without the extension ('sub/img2'), or
+    with it ('a.jpg', 'a.png') when several images share that stem, so no output overwrites another."""
+    stems = [p.relative_to(folder).with_suffix('').as_posix() for p in paths]
+    counts = Counter(stems)
+    return [stem if counts[stem] == 1 else p.relative_to(folder).as_posix() for stem, p in zip(stems, paths)]
+
+
 class _FolderDataset(Dataset):
     """The images of a folder with the test transform, named by relative path without extension."""
 
     def __init__(self, folder: Path, img_size: int):
         self.folder, self.paths, self.transform = folder, _readable_images(folder), test_transform(img_size)
+        self.names = output_names(self.paths, folder)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
         path = self.paths[index]
-        return self.transform(load_rgb(path)), path.relative_to(self.folder).with_suffix('').as_posix()
+        return self.transform(load_rgb(path)), self.names[index]
 
 
 def _collate_named(batch: list[tuple[torch.Tensor, str]]) -> tuple[torch.Tensor, list[str]]:

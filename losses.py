@@ -154,3 +154,19 @@ class GroupTerm:
 def group_classification_loss(outputs: Sequence[DiscriminatorOutput], labels: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of every critic scale's group head against ``labels`` (summed over scales)."""
     return sum(F.cross_entropy(out.group_logit.float(), labels) for out in outputs)
+
+
+def build_generator_terms(cfg, device: torch.device) -> list:
+    """The optional generator loss terms the flags switch on (each a small object: name, weight, call)."""
+    terms: list = []
+    if cfg.face_distance_weight > 0:
+        from faceseg.facenet import FaceIdentity, load_facenet
+        net = load_facenet(cfg.facenet_weights, cfg.facenet_pretrained, cfg.facenet_checkpoint_dir, device)
+        terms.append(FaceDistanceTerm(FaceIdentity(net).to(device), cfg.face_distance_weight))
+    if cfg.seg_fix_weight > 0:
+        terms.append(BackgroundL1Term(cfg.seg_fix_weight))
+    if cfg.tv_weight > 0:
+        terms.append(TotalVariationTerm(cfg.tv_weight))
+    if cfg.use_grouploss:
+        terms.append(GroupTerm(cfg.group_weight, 'A2B'))
+    return terms

@@ -46,10 +46,16 @@ def _groups(value: str) -> list[int]:
     return groups
 
 
-def _flag(group, name: str, default: bool, help: str, *aliases: str) -> None:
-    """A boolean that accepts ``--name``, ``--name True`` and ``--name False`` (PT style)."""
-    group.add_argument(name, *aliases, type=_bool, nargs='?', const=True, default=default, metavar='BOOL',
-                       help=help)
+# The bare form of these flags switched the feature OFF in enhanced-U-GAT-IT (store_false) but
+# means on everywhere here; taking either meaning silently would mis-run somebody's command line.
+BARE = 'bare'
+
+
+def _flag(group, name: str, default: bool, help: str, *aliases: str, bare: bool = True) -> None:
+    """A boolean that accepts ``--name``, ``--name True`` and ``--name False`` (PT style); with
+    ``bare=False`` the value is required (validate() says why)."""
+    group.add_argument(name, *aliases, type=_bool, nargs='?', const=True if bare else BARE, default=default,
+                       metavar='BOOL', help=help)
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -80,8 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
                      'with a note when CUDA is unavailable)')
     run.add_argument('--seed', type=int, default=0, help='seeds weights, data order and augmentation')
     _flag(run, '--resume', False, 'continue from the newest checkpoint (step + 1, optimizer, RNG, EMA, ADA)')
-    run.add_argument('--checkpoint', default=None, help='checkpoint file for test/img_dir/video phases; '
-                     'None: the newest one')
+    _flag(run, '--overwrite', False, 'start a fresh run although the results folder holds one: the old run is '
+          'moved to RESULT_DIR/<dataset>.old-<time> (nothing is deleted)')
+    run.add_argument('--checkpoint', default=None, help='checkpoint file (anywhere) for the inference phases; '
+                     'the architecture is read from it. None: the newest one of the run')
     _flag(run, '--no_ema', False, 'translate with the raw generators even when EMA weights exist')
     run.add_argument('--img_dir', default=None, help='folder to translate with --phase img_dir/generate')
     run.add_argument('--direction', default='A2B', choices=('A2B', 'B2A'), help='direction for img_dir/video')
@@ -105,12 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument('--n_local_dis', type=int, default=None, help='local discriminator layers (EN)')
     model.add_argument('--img_size', type=int, default=256, help='training and test image size')
     model.add_argument('--img_ch', type=int, default=3, help='image channels (only 3, RGB, is supported)')
-    _flag(model, '--sn', True, 'spectral norm in the discriminators')
+    _flag(model, '--sn', True, 'spectral norm in the discriminators (give a value: a bare --sn meant off in EN)',
+          bare=False)
     _flag(model, '--use_se', False, 'scSE blocks in the generator residual blocks (EN)')
     model.add_argument('--attention_gan', type=int, default=0, help='k>0: AttentionGAN-style k-mask output fusion (EN)')
     _flag(model, '--attention_input', False, 'use the input image as one of the k candidates (EN)')
     _flag(model, '--use_deconv', False, 'transposed convolutions instead of upsample+conv in the decoder')
-    _flag(model, '--cam_D_attention', True, 'weight D features by its CAM weights (off: EN --cam_D_attention)')
+    _flag(model, '--cam_D_attention', True, 'weight D features by its CAM weights (give a value: a bare '
+          '--cam_D_attention meant off in EN)', bare=False)
 
     loss = parser.add_argument_group('loss weights')
     loss.add_argument('--adv_weight', type=float, default=1.0, help='adversarial (LSGAN) weight')
@@ -134,7 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(optim, '--ema', True, 'keep EMA copies of both generators')
     optim.add_argument('--ema_start', type=float, default=0.5, help='EMA starts averaging after this '
                        'fraction of --iteration (a plain copy before)')
-    optim.add_argument('--ema_beta', type=float, default=0.9999, help='EMA decay')
+    optim.add_argument('--ema_beta', type=float, default=0.9999, help='EMA decay of a long run (EN); early on '
+                       'the ramp-up shortens it')
+    optim.add_argument('--ema_rampup', type=float, default=0.05,
+                       help="EMA half-life at most this fraction of the steps so far (StyleGAN2-ADA's ema_rampup), "
+                       'so short runs average recent weights; 0: always --ema_beta')
 
     data = parser.add_argument_group('data')
     data.add_argument('--num_workers', type=int, default=min(4, os.cpu_count() or 1),
@@ -204,19 +218,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse and validate; raises utils.UserError with a one-line message on bad input."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     cfg = parser.parse_args(argv)
     if cfg.preset:   # the preset's values become defaults, so the flags given still win
         parser.set_defaults(**presets.PRESETS[cfg.preset].values)
         cfg = parser.parse_args(argv)
+    cfg.explicit = explicit_flags(argv)
     validate(cfg)
     return cfg
+
+
+def explicit_flags(argv: list[str]) -> frozenset[str]:
+    """The destinations of the flags given on the command line (not left at their default)."""
+    probe = build_parser()
+    for action in probe._actions:
+        action.default = argparse.SUPPRESS
+    return frozenset(vars(probe.parse_args(argv)))
 
 
 def validate(cfg: argparse.Namespace) -> None:
     """All cross-flag rules in one place; fills derived fields."""
     from networks import min_image_size
     fail = _fail
+    cfg.explicit = getattr(cfg, 'explicit', frozenset())
     cfg.dataset_name = Path(cfg.dataset).name if os.sep in cfg.dataset or Path(cfg.dataset).is_dir() \
         else cfg.dataset
     if cfg.img_ch != 3:
@@ -224,10 +249,14 @@ def validate(cfg: argparse.Namespace) -> None:
     for name in ('iteration', 'batch_size', 'img_size', 'ch', 'n_res', 'print_freq', 'log_freq', 'save_freq'):
         if getattr(cfg, name) < 1:
             fail(f'--{name} must be >= 1, got {getattr(cfg, name)}')
-    if cfg.n_dis != 6 and (cfg.n_global_dis or cfg.n_local_dis):
+    for flag in ('sn', 'cam_D_attention'):
+        if getattr(cfg, flag) == BARE:
+            fail(f'--{flag} needs a value, --{flag} True or --{flag} False (in enhanced-U-GAT-IT a bare --{flag} '
+                 f'turned it OFF; here a bare flag would mean on, so say which you mean)')
+    if cfg.n_dis != 6 and (cfg.n_global_dis is not None or cfg.n_local_dis is not None):
         fail('give either --n_dis (TF style) or --n_global_dis/--n_local_dis, not both')
-    cfg.n_global_dis = cfg.n_global_dis or cfg.n_dis + 1
-    cfg.n_local_dis = cfg.n_local_dis or cfg.n_dis - 1
+    cfg.n_global_dis = cfg.n_dis + 1 if cfg.n_global_dis is None else cfg.n_global_dis
+    cfg.n_local_dis = cfg.n_dis - 1 if cfg.n_local_dis is None else cfg.n_local_dis
     for flag, layers in (('--n_global_dis', cfg.n_global_dis), ('--n_local_dis', cfg.n_local_dis)):
         if layers < 3:
             fail(f'{flag} must be >= 3, got {layers}')
@@ -239,12 +268,16 @@ def validate(cfg: argparse.Namespace) -> None:
         fail(f'--img_size must be a multiple of 4 (two stride-2 stages), got {cfg.img_size}')
     if cfg.attention_input and cfg.attention_gan < 2:
         fail('--attention_input needs --attention_gan >= 2 (the input is one of the k candidates)')
-    if not 0 <= cfg.ema_beta < 1 or not 0 <= cfg.ema_start <= 1:
-        fail('--ema_beta must be in [0, 1) and --ema_start in [0, 1]')
+    if not 0 <= cfg.ema_beta < 1 or not 0 <= cfg.ema_start <= 1 or cfg.ema_rampup < 0:
+        fail('--ema_beta must be in [0, 1), --ema_start in [0, 1] and --ema_rampup >= 0')
     if cfg.inception_weights and not Path(cfg.inception_weights).is_file():
         fail(f'--inception_weights: {cfg.inception_weights} not found (pt_inception-2015-12-05 .pth file)')
-    _validate_face(cfg, fail)
-    _validate_few_shot(cfg, fail)
+    if cfg.phase == 'train':
+        _validate_face(cfg, fail)
+        _validate_few_shot(cfg, fail)
+        _validate_options_of_features_that_are_off(cfg, fail)
+    else:
+        cfg.use_faceseg = False   # inference builds no training-only network
     _validate_dataset(cfg)
     _validate_phase(cfg, fail)
     cfg.device = _resolve_device(cfg.device, cfg.amp, fail)
@@ -261,6 +294,11 @@ def _validate_face(cfg, fail) -> None:
     if cfg.use_faceseg and not Path(cfg.faceseg_weights).is_file():
         fail(f'--faceseg_weights: {cfg.faceseg_weights} not found; the segmentation flags need the BiSeNet '
              'face-parsing weights 79999_iter.pth (see README, "Face-aware training")')
+    if cfg.facenet_checkpoint_dir and 'face_distance_weight' not in cfg.explicit:
+        # In the FaceNet fork, giving the checkpoint is what turns the loss on, at weight 1000.
+        cfg.face_distance_weight = 1000.0
+        print('note: --facenet_checkpoint_dir turns the face-distance loss on with the FaceNet fork\'s weight '
+              '--face_distance_weight 1000 (pass another weight to change it)', file=sys.stderr)
     if cfg.face_distance_weight > 0 and not (cfg.facenet_weights or cfg.facenet_pretrained
                                              or cfg.facenet_checkpoint_dir):
         fail('--face_distance_weight needs FaceNet weights: --facenet_weights FILE, --facenet_checkpoint_dir DIR '
@@ -280,6 +318,34 @@ def _validate_few_shot(cfg, fail) -> None:
         fail('--ada cannot be combined with the --seg_D_* masks (the masks would not follow the augmentation)')
     if not 0 <= cfg.ada_p <= 1:
         fail('--ada_p must be in [0, 1]')
+    if cfg.ada_interval < 1 or cfg.ada_kimg <= 0:
+        fail(f'--ada_interval must be >= 1 and --ada_kimg > 0 (got {cfg.ada_interval} and {cfg.ada_kimg})')
+    if not -1 <= cfg.ada_target <= 1:
+        fail(f'--ada_target must be in [-1, 1] (r_t = E[sign(D(real) - 0.5)] lies there), got {cfg.ada_target}')
+
+
+# Options that act only while another feature is on: given without it, they are an error rather
+# than a silent no-op. option dest -> (what turns the feature on, is it on?)
+_FEATURE_OPTIONS: dict[str, tuple[str, object]] = {
+    **{k: ('--ema True', lambda c: c.ema) for k in ('ema_beta', 'ema_start', 'ema_rampup')},
+    **{k: ('--group G,...', lambda c: c.groups) for k in ('group_sampling', 'use_grouploss', 'selective_backprop')},
+    'group_weight': ('--use_grouploss True', lambda c: c.use_grouploss),
+    'base_group': ('--selective_backprop True', lambda c: c.selective_backprop),
+    **{k: ('--ada True', lambda c: c.ada) for k in ('ada_target', 'ada_interval', 'ada_kimg', 'ada_p', 'ada_pipeline')},
+    **{k: ('--match_histograms True', lambda c: c.match_histograms)
+       for k in ('match_mode', 'match_prob', 'match_ratio')},
+    **{k: ('--face_distance_weight W > 0', lambda c: c.face_distance_weight > 0)
+       for k in ('facenet_weights', 'facenet_pretrained')},
+    **{k: ('a face-segmentation loss (--seg_fix_weight W > 0 or a --seg_D_*/--seg_G_detach flag)',
+           lambda c: c.use_faceseg) for k in ('hard_seg_edge', 'seg_fix_glass_mouth', 'faceseg_weights')},
+    **{k: ('--metric_freq N', lambda c: c.metric_freq) for k in ('fid_batch', 'inception_weights')},
+}
+
+
+def _validate_options_of_features_that_are_off(cfg, fail) -> None:
+    for dest, (feature, is_on) in _FEATURE_OPTIONS.items():
+        if dest in cfg.explicit and not is_on(cfg):
+            fail(f'--{dest} has no effect without {feature}: add that, or drop --{dest}')
 
 
 def _validate_dataset(cfg) -> None:
@@ -320,14 +386,13 @@ def _resolve_device(device: str, amp: str, fail) -> str:
 
 
 def run(cfg: argparse.Namespace) -> None:
-    """Dispatch to the phase."""
-    from ugatit import UGATIT
-    trainer = UGATIT(cfg)
+    """Dispatch to the phase: training builds the trainer, inference only the checkpoint's generators."""
     if cfg.phase == 'train':
-        trainer.train()
+        from ugatit import UGATIT
+        UGATIT(cfg).train()
     else:
         import phases
-        phases.run(trainer, cfg)
+        phases.run(cfg)
 
 
 def main(argv: list[str] | None = None) -> int:

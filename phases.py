@@ -1,104 +1,162 @@
 """Inference phases: test, val, img_dir/generate, video, video_dir and camera.
 
 Kept apart from the trainer because they are about files, HTML and video streams rather than
-optimisation; each takes a built :class:`ugatit.UGATIT` and only calls ``translate``.
+optimisation. Each phase gets an :class:`Inference`: the generators of one checkpoint, built from
+the architecture that checkpoint records (``model.load_translator``), and the run's folders. No
+phase builds a discriminator, FaceNet or an optimizer, and only test/val read the dataset.
 """
 from __future__ import annotations
 
 import html
+import os
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
+from PIL import Image
 from tqdm import tqdm
 
 import dataset as data
+import model
 import utils
-from ugatit import DIRECTIONS, UGATIT
+from checkpoints import RunFiles
 
 VIDEO_EXTENSIONS = ('.mp4', '.avi', '.mov', '.mkv', '.ts', '.webm', '.m4v')
 
 
-def run(trainer: UGATIT, cfg) -> None:
-    """Load the weights the phase needs, then run it."""
-    load_weights(trainer, cfg)
+@dataclass
+class Inference:
+    """What every phase works with: a loaded model and where its run's files are."""
+
+    translator: model.Translator
+    cfg: object
+    run_dir: Path
+    checkpoint: Path
+    aligner: object = None
+
+    @property
+    def img_size(self) -> int:
+        return self.translator.img_size
+
+    def translate(self, images: torch.Tensor, direction: str) -> torch.Tensor:
+        return self.translator.translate(images, direction).image
+
+
+def run(cfg) -> None:
+    """Load the checkpoint's generators, then run the phase."""
+    job = load(cfg)
     phase = {'test': test, 'val': validate, 'img_dir': translate_folder, 'generate': translate_folder,
              'video': video, 'video_dir': video_dir, 'camera': camera}[cfg.phase]
-    phase(trainer, cfg)
+    phase(job)
 
 
-def load_weights(trainer: UGATIT, cfg) -> None:
-    """``--checkpoint FILE`` or the newest checkpoint of the run; a clear error when there is none."""
+def _dataset_root(cfg) -> Path | None:
+    try:
+        return data.resolve_dataset_root(cfg.dataset)
+    except data.DatasetError:
+        return None   # img_dir/video need no dataset
+
+
+def find_checkpoint(cfg) -> Path:
+    """``--checkpoint`` or the newest checkpoint of the run (never one of another dataset folder)."""
     if cfg.checkpoint:
-        trainer.load_file(Path(cfg.checkpoint))
-        source = cfg.checkpoint
-    else:
-        path = trainer.load_newest(weights_only=True)
-        if path is None:
-            raise utils.UserError(f'no checkpoint found in {trainer.model_dir} or {trainer.latest_path}: train '
-                                  f'first (--phase train) or pass --checkpoint FILE')
-        source = str(path)
-    ema = trainer.ema is not None and not cfg.no_ema
-    print(f'loaded {source} (step {trainer.step}, {"EMA" if ema else "raw"} generators)', file=sys.stderr)
+        return Path(cfg.checkpoint)
+    files = RunFiles(cfg.result_dir, cfg.dataset_name)
+    root = _dataset_root(cfg)
+    found = files.newest(accept=lambda state: root is None or state.get('config', {}).get('dataset_root') in
+                         (None, str(root)))
+    if found is None:
+        raise utils.UserError(f'no checkpoint found in {files.model_dir} or {files.latest_path}: train first '
+                              f'(--phase train) or pass --checkpoint FILE')
+    return found.path
 
 
-def _use_ema(cfg) -> bool:
-    return not cfg.no_ema
+def load(cfg) -> Inference:
+    path = find_checkpoint(cfg)
+    translator, state = model.load_translator(path, cfg.device, use_ema=not cfg.no_ema, flags=cfg,
+                                              explicit=cfg.explicit, compile=cfg.compile)
+    translator.autocast = lambda: utils.autocast(cfg.amp, translator.device.type)
+    stored = state.get('config') or {}
+    # A checkpoint alone names its run: outputs go next to the run it came from.
+    name = stored.get('dataset_name') if 'dataset' not in cfg.explicit and stored.get('dataset_name') \
+        else cfg.dataset_name
+    weights = 'EMA' if state['uses_ema'] else 'raw'
+    print(f'loaded {path} (step {state.get("step", "?")}, {weights} generators, {translator.img_size} px)',
+          file=sys.stderr)
+    return Inference(translator, cfg, Path(cfg.result_dir) / name, path)
 
 
 # ----------------------------------------------------------------------------------------------
 # test / img_dir / val
 
 
-def test(trainer: UGATIT, cfg) -> None:
-    """Every testA/testB image translated on its own (test/A2B/<stem>.png), PT-style strips and index.html."""
-    out_root = trainer.run_dir / 'test'
+def test(job: Inference) -> None:
+    """Every testA/testB image translated on its own (A2B/<name>.png), PT-style strips and index.html,
+    under ``--out_dir`` or ``<run>/test``."""
+    cfg = job.cfg
+    root = data.resolve_dataset_root(cfg.dataset)
+    out_root = Path(cfg.out_dir) if cfg.out_dir else job.run_dir / 'test'
     rows: dict[str, list[tuple[str, Path, Path]]] = {}
-    for d in DIRECTIONS:
-        folder = trainer.dataset_root / f'test{d.source}'
-        rows[d.name] = _translate_tree(trainer, cfg, folder, out_root / d.name, d.name,
-                                       strips_dir=out_root / 'strips' / d.name)
+    for direction in ('A2B', 'B2A'):
+        folder = root / f'test{direction[0]}'
+        rows[direction] = _translate_tree(job, folder, out_root / direction, direction,
+                                          strips_dir=out_root / 'strips' / direction)
     _write_index(out_root / 'index.html', rows)
     print(f'wrote {sum(len(r) for r in rows.values())} translations to {out_root}', file=sys.stderr)
 
 
-def translate_folder(trainer: UGATIT, cfg) -> None:
-    """``--phase img_dir``/``generate``: translate any folder (recursively) in one direction."""
+def translate_folder(job: Inference) -> None:
+    """``--phase img_dir``/``generate`` (the same phase under EN's two names): translate a folder
+    (recursively) in one direction into ``--out_dir`` or ``<run>/<phase>/<direction>``."""
+    cfg = job.cfg
     folder = Path(cfg.img_dir)
-    out = Path(cfg.out_dir) if cfg.out_dir else trainer.run_dir / cfg.phase / cfg.direction
-    if cfg.align_faces:
-        _translate_faces_in_folder(trainer, cfg, folder, out)
+    out = Path(cfg.out_dir) if cfg.out_dir else job.run_dir / cfg.phase / cfg.direction
+    if cfg.align_faces or cfg.crop == 'center':
+        _translate_photos(job, folder, out)
         return
-    written = _translate_tree(trainer, cfg, folder, out, cfg.direction)
+    written = _translate_tree(job, folder, out, cfg.direction)
+    _note_non_square([source for _, source, _ in written], job.img_size)
     print(f'wrote {len(written)} images to {out}', file=sys.stderr)
 
 
-def _translate_tree(trainer: UGATIT, cfg, folder: Path, out: Path, direction: str,
+def _translate_tree(job: Inference, folder: Path, out: Path, direction: str,
                     strips_dir: Path | None = None) -> list[tuple[str, Path, Path]]:
-    """Translate every image under ``folder`` into ``out/<relative stem>.png``; returns the pairs."""
-    loader = data.build_test_loader(folder, cfg.img_size, batch_size=cfg.batch_size,
+    """Translate every image under ``folder`` into ``out/<name>.png`` (names from
+    ``dataset.output_names``: unique even when stems collide); returns (name, source, output)."""
+    cfg = job.cfg
+    loader = data.build_test_loader(folder, job.img_size, batch_size=cfg.batch_size,
                                     num_workers=min(cfg.num_workers, 2))
-    sources = {_stem(p, folder): p for p in data.find_images(folder)}
-    d = next(x for x in DIRECTIONS if x.name == direction)
+    sources = dict(zip(loader.dataset.names, loader.dataset.paths))
     written = []
     for images, names in tqdm(loader, desc=f'{direction} {folder.name}', file=sys.stderr):
-        fakes = trainer.translate(images, direction, _use_ema(cfg)).image
+        fakes = job.translate(images, direction)
         for name, fake in zip(names, fakes):
             target = out / f'{name}.png'
             utils.save_rgb(target, utils.tensor_to_uint8(fake))
-            written.append((name, sources.get(name, target), target))
+            written.append((name, sources[name], target))
         if strips_dir is not None:
-            columns = trainer.visual_columns(images, d, _use_ema(cfg))
-            for name, column in zip(names, columns):
+            for name, column in zip(names, job.translator.visual_columns(images, direction)):
                 utils.save_rgb(strips_dir / f'{name}.png', utils.grid([column]))
     return written
 
 
-def _stem(path: Path, folder: Path) -> str:
-    return str(path.relative_to(folder).with_suffix(''))
+def _note_non_square(sources: list[Path], img_size: int) -> None:
+    """Say once that non-square photos were squashed, and what the alternatives are."""
+    squashed = 0
+    for path in sources:
+        try:
+            with Image.open(path) as img:
+                squashed += img.width != img.height
+        except OSError:
+            continue
+    if squashed:
+        print(f'note: {squashed} image(s) are not square and were resized to {img_size}x{img_size} without '
+              f'keeping the aspect ratio; --crop center translates the centre square and pastes it back',
+              file=sys.stderr)
 
 
 def _write_index(path: Path, rows: dict[str, list[tuple[str, Path, Path]]]) -> None:
@@ -118,14 +176,19 @@ def _write_index(path: Path, rows: dict[str, list[tuple[str, Path, Path]]]) -> N
 
 
 def _relative(target: Path, start: Path) -> str:
-    import os
     return Path(os.path.relpath(Path(target).resolve(), Path(start).resolve())).as_posix()
 
 
-def validate(trainer: UGATIT, cfg) -> None:
-    """``--phase val``: FID/KID of the loaded checkpoint, printed (EN parsed this phase and did nothing)."""
-    options = (False, True) if trainer.ema is not None and not cfg.no_ema else (False,)
-    results = trainer.evaluate(options)
+def validate(job: Inference) -> None:
+    """``--phase val``: FID/KID of the checkpoint's generators (raw and EMA), printed."""
+    from metrics.training import TranslationMetrics
+    cfg = job.cfg
+    raw, state = model.load_translator(job.checkpoint, cfg.device, use_ema=False, flags=cfg, explicit=cfg.explicit)
+    translators = {'': raw, '_ema': job.translator} if state['has_ema'] and not cfg.no_ema else {'': raw}
+    metrics = TranslationMetrics(data.resolve_dataset_root(cfg.dataset), job.img_size, cfg.inception_weights,
+                                 cfg.device, batch_size=cfg.fid_batch, cache_dir=job.run_dir / 'metric_cache',
+                                 groups=cfg.groups, num_workers=cfg.num_workers)
+    results, _ = metrics.evaluate(translators)
     for key in sorted(results):
         if not key.startswith('KID_std'):
             std = results.get(key.replace('KID/', 'KID_std/')) if key.startswith('KID/') else None
@@ -133,22 +196,24 @@ def validate(trainer: UGATIT, cfg) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Video and camera
+# Photos, video and camera
 
 
-def frame_translator(trainer: UGATIT, cfg) -> Callable[[np.ndarray], np.ndarray]:
-    """A function RGB frame → translated RGB frame of the same size, per the --crop/--align_faces flags."""
-    size = cfg.img_size
-    use_ema = _use_ema(cfg)
+def frame_translator(job: Inference) -> Callable[[np.ndarray], np.ndarray]:
+    """A function RGB image → translated RGB image of the same size, per --crop/--align_faces.
+    With --align_faces it returns None for an image without a face."""
+    cfg = job.cfg
+    size = job.img_size
 
     def translate_square(rgb: np.ndarray) -> np.ndarray:
         x = cv2.resize(rgb, (size, size), interpolation=cv2.INTER_AREA)
         tensor = torch.from_numpy(x).permute(2, 0, 1).float().div(127.5).sub(1).unsqueeze(0)
-        return utils.tensor_to_uint8(trainer.translate(tensor, cfg.direction, use_ema).image[0])
+        return utils.tensor_to_uint8(job.translate(tensor, cfg.direction)[0])
 
     if cfg.align_faces:
         from faceseg.align import FaceAligner
-        aligner = FaceAligner(device=str(trainer.device))
+        aligner = FaceAligner(device=str(job.translator.device))
+        job.aligner = aligner   # its faces_found tells img_dir which photos had no face
         return lambda rgb: aligner.apply(rgb, translate_square, out_size=size, all_faces=True)
 
     def translate_frame(rgb: np.ndarray) -> np.ndarray:
@@ -164,14 +229,40 @@ def frame_translator(trainer: UGATIT, cfg) -> Callable[[np.ndarray], np.ndarray]
     return translate_frame
 
 
-def translate_video(trainer: UGATIT, cfg, path: Path, out_dir: Path) -> Path:
+def _translate_photos(job: Inference, folder: Path, out: Path) -> None:
+    """img_dir with --crop center or --align_faces: each photo keeps its size; the centre square or
+    the aligned faces are translated and pasted back. Unreadable files are skipped with a warning,
+    photos without a face are noted (and copied unchanged)."""
+    translate = frame_translator(job)
+    paths = data.find_images(folder)
+    names = data.output_names(paths, folder)
+    written = unreadable = faceless = 0
+    for path, name in tqdm(list(zip(paths, names)), desc='photos', file=sys.stderr):
+        try:
+            rgb = np.asarray(data.load_rgb(path))
+        except data.DatasetError as exc:
+            print(f'warning: skipping {path}: {exc}', file=sys.stderr)
+            unreadable += 1
+            continue
+        result = translate(rgb)
+        if job.cfg.align_faces and not job.aligner.faces_found:
+            tqdm.write(f'note: no face found in {path}; copied unchanged', file=sys.stderr)
+            faceless += 1
+        utils.save_rgb(out / f'{name}.png', result)
+        written += 1
+    extra = f', {faceless} without a face' if job.cfg.align_faces else ''
+    print(f'wrote {written} images to {out}{extra}, {unreadable} unreadable skipped', file=sys.stderr)
+
+
+def translate_video(job: Inference, path: Path, out_dir: Path) -> Path:
     """Original and translation side by side, frame by frame, at the source's size and frame rate."""
+    cfg = job.cfg
     reader = cv2.VideoCapture(str(path))
     if not reader.isOpened():
         raise utils.UserError(f'cannot open video {path} (unsupported format or codec?)')
     fps = reader.get(cv2.CAP_PROP_FPS) or 25.0
     total = int(reader.get(cv2.CAP_PROP_FRAME_COUNT)) or None
-    translate = frame_translator(trainer, cfg)
+    translate = frame_translator(job)
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / f'{path.stem}_{cfg.direction}.mp4'
     writer = None
@@ -195,30 +286,30 @@ def translate_video(trainer: UGATIT, cfg, path: Path, out_dir: Path) -> Path:
     return target
 
 
-def video(trainer: UGATIT, cfg) -> None:
-    out = translate_video(trainer, cfg, Path(cfg.video_path), _video_out(trainer, cfg))
+def video(job: Inference) -> None:
+    out = translate_video(job, Path(job.cfg.video_path), _video_out(job))
     print(f'wrote {out}', file=sys.stderr)
 
 
-def video_dir(trainer: UGATIT, cfg) -> None:
-    folder = Path(cfg.video_path)
+def video_dir(job: Inference) -> None:
+    folder = Path(job.cfg.video_path)
     videos = sorted(p for p in folder.rglob('*') if p.suffix.lower() in VIDEO_EXTENSIONS)
     if not videos:
         raise utils.UserError(f'no videos ({", ".join(VIDEO_EXTENSIONS)}) in {folder}')
     for path in videos:
-        print(f'wrote {translate_video(trainer, cfg, path, _video_out(trainer, cfg))}', file=sys.stderr)
+        print(f'wrote {translate_video(job, path, _video_out(job))}', file=sys.stderr)
 
 
-def _video_out(trainer: UGATIT, cfg) -> Path:
-    return Path(cfg.out_dir) if cfg.out_dir else trainer.run_dir / 'video'
+def _video_out(job: Inference) -> Path:
+    return Path(job.cfg.out_dir) if job.cfg.out_dir else job.run_dir / 'video'
 
 
-def camera(trainer: UGATIT, cfg) -> None:
+def camera(job: Inference) -> None:
     """Webcam preview (original | translation); press q or Esc to quit."""
-    capture = cv2.VideoCapture(cfg.camera_id)
+    capture = cv2.VideoCapture(job.cfg.camera_id)
     if not capture.isOpened():
-        raise utils.UserError(f'no camera at index {cfg.camera_id} (is a webcam connected? try --camera_id)')
-    translate = frame_translator(trainer, cfg)
+        raise utils.UserError(f'no camera at index {job.cfg.camera_id} (is a webcam connected? try --camera_id)')
+    translate = frame_translator(job)
     try:
         while True:
             ok, bgr = capture.read()
@@ -236,13 +327,3 @@ def camera(trainer: UGATIT, cfg) -> None:
     finally:
         capture.release()
         cv2.destroyAllWindows()
-
-
-def _translate_faces_in_folder(trainer: UGATIT, cfg, folder: Path, out: Path) -> None:
-    translate = frame_translator(trainer, cfg)
-    count = 0
-    for path in tqdm(data.find_images(folder), desc='faces', file=sys.stderr):
-        rgb = np.asarray(data.load_rgb(path))
-        utils.save_rgb(out / f'{_stem(path, folder)}.png', translate(rgb))
-        count += 1
-    print(f'wrote {count} images to {out}', file=sys.stderr)

@@ -1,15 +1,18 @@
 """Small shared pieces: EMA, seeding and RNG state, atomic checkpoint I/O, image grids and heatmaps."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import random
+import signal
 import tempfile
 from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 
 
@@ -69,21 +72,34 @@ def set_rng_state(state: dict) -> None:
 
 
 class EMA:
-    """Exponential moving average of a network's weights (EN's ``--ema_beta``/``--ema_start``).
+    """Exponential moving average of a network's weights (EN's ``--ema_beta``/``--ema_start``),
+    with StyleGAN2-ADA's ramp-up of the averaging horizon.
 
     Until ``start_step`` the average is a copy of the weights; afterwards
-    θ_ema ← β·θ_ema + (1−β)·θ. Buffers are always copied. Runs without autograd (EN ran it with
-    autograd on, growing a graph every step).
+    θ_ema ← β_t·θ_ema + (1−β_t)·θ. β_t is ``beta`` (EN's long-run decay), except early in training:
+    with ``rampup`` r the half-life (in steps) is at most r·step, i.e.
+    β_t = min(beta, 0.5^(1/(r·step))), so a short run averages its recent weights instead of
+    staying near the weights of ``start_step``. Buffers are always copied. Runs without autograd
+    (EN ran it with autograd on, growing a graph every step).
     """
 
-    def __init__(self, model: nn.Module, beta: float, start_step: int) -> None:
+    def __init__(self, model: nn.Module, beta: float, start_step: int, rampup: float | None = None) -> None:
         self.beta = beta
         self.start_step = start_step
+        self.rampup = rampup
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    def beta_at(self, step: int) -> float:
+        """The decay used at ``step`` (0: a plain copy)."""
+        if step <= self.start_step:
+            return 0.0
+        if not self.rampup:
+            return self.beta
+        return min(self.beta, 0.5 ** (1.0 / (self.rampup * step)))
 
     @torch.no_grad()
     def update(self, model: nn.Module, step: int) -> None:
-        beta = self.beta if step > self.start_step else 0.0
+        beta = self.beta_at(step)
         ema_params = list(self.model.parameters())
         params = [p.detach() for p in model.parameters()]
         if beta == 0.0:
@@ -92,6 +108,13 @@ class EMA:
             torch._foreach_lerp_(ema_params, params, 1.0 - beta)
         for ema_buf, buf in zip(self.model.buffers(), model.buffers()):
             ema_buf.copy_(buf)
+
+
+def autocast(amp: str, device_type: str) -> contextlib.AbstractContextManager:
+    """The autocast context of ``--amp off|bf16|fp16``."""
+    if amp == 'off':
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=torch.bfloat16 if amp == 'bf16' else torch.float16)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -194,3 +217,53 @@ class LossMeter:
         values = (torch.stack([self.sums[k] for k in keys]) / self.count).cpu().tolist()
         self.sums, self.count = {}, 0
         return dict(zip(keys, values))
+
+
+# ----------------------------------------------------------------------------------------------
+# Processes: torchrun ranks and signals
+
+
+class DistributedContext:
+    """Rank, world size and device of this process; torchrun sets the environment variables."""
+
+    def __init__(self, device: str) -> None:
+        self.world_size = int(os.environ.get('WORLD_SIZE', '1'))
+        self.rank = int(os.environ.get('RANK', '0'))
+        local_rank = int(os.environ.get('LOCAL_RANK', '0'))
+        self.enabled = self.world_size > 1
+        if device.startswith('cuda') and self.enabled:
+            device = f'cuda:{local_rank}'
+            torch.cuda.set_device(local_rank)
+        self.device = torch.device(device)
+        if self.enabled and not dist.is_initialized():
+            dist.init_process_group('nccl' if self.device.type == 'cuda' else 'gloo')
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+
+class GracefulStop:
+    """Turns SIGINT/SIGTERM into a flag so the loop can save a checkpoint before exiting."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. under some test runners)
+                pass
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:     # a second Ctrl-C exits at once
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)

@@ -159,6 +159,7 @@ class FaceAligner:
     def __init__(self, min_face_size: int = 40, device: str = 'cpu',
                  thresholds: Sequence[float] | None = None, detector: FaceDetector | None = None) -> None:
         self.detector = detector or FaceDetector(min_face_size, device, thresholds)
+        self.faces_found = 0   # faces in the last frame given to apply()
 
     def crops(self, image: np.ndarray, out_size: int = 256, margin: float = 0.4,
               all_faces: bool = False) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -176,7 +177,9 @@ class FaceAligner:
         A frame without a face is returned unchanged (as a copy).
         """
         result = as_rgb(frame).copy()
-        for crop, matrix in self.crops(frame, out_size, margin, all_faces):
+        crops = self.crops(frame, out_size, margin, all_faces)
+        self.faces_found = len(crops)
+        for crop, matrix in crops:
             translated = translate(crop)
             if translated.shape[:2] != (out_size, out_size):
                 translated = cv2.resize(translated, (out_size, out_size), interpolation=cv2.INTER_LINEAR)

@@ -26,6 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--kid_subsets', type=int, default=100, help='number of KID subsets')
     parser.add_argument('--kid_subset_size', type=int, default=1000,
                         help='KID subset size (capped at the smaller folder size)')
+    parser.add_argument('--img_size', type=int, default=None,
+                        help='resize the images of the FIRST folder to this square size (bilinear), as '
+                        'training does with the real images; None: native size')
     return parser
 
 
@@ -34,7 +37,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     for folder in args.dirs:
         require_images(folder)  # report a bad folder before the slow network build
     evaluator = Evaluator(args.weights, args.device, args.batch_size, num_workers=args.num_workers)
-    feats1 = evaluator.real_features(args.dirs[0])
+    feats1 = evaluator.real_features(args.dirs[0], img_size=args.img_size)
     feats2 = evaluator.real_features(args.dirs[1])
     return evaluator.score(feats1, feats2, args.kid_subsets, args.kid_subset_size)
 

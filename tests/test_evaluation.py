@@ -58,17 +58,18 @@ def test_kid_per_group_matches_direct_computation(tmp_path, inception_file):
     from conftest import make_domain
 
     from metrics import kernel_inception_distance
-    from ugatit import DIRECTIONS, UGATIT
+    from ugatit import UGATIT
     root = tmp_path / 'grouped'
     for g, colour in enumerate([(200, 60, 60), (60, 200, 60)]):
         for split, seed in (('trainA', 0), ('trainB', 10), ('testA', 20), ('testB', 30)):
             make_domain(root / split / str(g), 3, 40, colour, seed + g)
-    trainer = UGATIT(main.parse_args(tiny_flags(root, tmp_path / 'out', '--group', '0,1',
-                                                '--inception_weights', str(inception_file))))
-    results = trainer.evaluate((False,))
-    a2b = DIRECTIONS[0]
+    from metrics.training import TranslationMetrics
+    trainer = UGATIT(main.parse_args(tiny_flags(root, tmp_path / 'out', '--group', '0,1')))
+    evaluation = TranslationMetrics(root, 32, str(inception_file), 'cpu', groups=[0, 1])
+    results, record = trainer.evaluate(evaluation, (False,))
+    assert record['images']['A2B'] == {'real': 6, 'fake': 6}
     for g in (0, 1):
-        real, fakes = trainer._features(a2b, str(g), use_ema=False)
+        real, fakes = evaluation.features(trainer.translator(False), 'A2B', 'A', 'B', str(g))
         assert len(real) == len(fakes) == 3       # only that group's images on each side
         assert results[f'KID/A2B_group{g}'] == kernel_inception_distance(real, fakes)[0]
     assert results['KID/A2B_group0'] != results['KID/A2B_group1']

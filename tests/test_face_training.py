@@ -49,9 +49,8 @@ def _batch(trainer: UGATIT) -> dict[str, torch.Tensor]:
 
 def _step_pair(dataset, tmp_path, weights, *flags):
     """(logs, trainer) for a baseline trainer and one with ``flags``, same weights and batch."""
-    seg = ('--faceseg_weights', str(weights['bisenet']))
-    base = _trainer(dataset, tmp_path, *seg)
-    other = _trainer(dataset, tmp_path, *seg, *flags)
+    base = _trainer(dataset, tmp_path)
+    other = _trainer(dataset, tmp_path, '--faceseg_weights', str(weights['bisenet']), *flags)
     other.segmenter = _half_face_masks
     other.G.load_state_dict(base.G.state_dict())
     other.D.load_state_dict(base.D.state_dict())

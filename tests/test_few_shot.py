@@ -10,7 +10,7 @@ from conftest import make_domain, tiny_flags, tiny_trainer
 
 import main
 import utils
-from ugatit import build_critic
+from model import build_critic
 
 
 @pytest.fixture
