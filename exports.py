@@ -23,12 +23,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+import sizing
 import utils
+from networks import mlp_pool_size
 
 FORMAT = 'ugatit-export/1'
 CONFIG_NAME = 'config.json'
 DIRECTIONS = ('A2B', 'B2A')
-CHECKPOINT_KEYS = {'A2B': 'genA2B', 'B2A': 'genB2A'}
 ONNX_INPUT = 'image'
 ONNX_OUTPUTS = ('translation', 'heatmap')
 ONNX_EMBED_LIMIT = 1_800_000_000   # bytes of weights kept inside the .onnx file (protobuf's limit is 2 GB)
@@ -40,12 +41,12 @@ def is_export(path: str | Path) -> bool:
 
 
 def dynamic_size(arch: Mapping) -> bool:
-    """Whether a generator translates any size: PT's light model pools the MLP input globally.
+    """Whether the ONNX graph takes any H×W: PT's light model pools the MLP input globally.
 
     The full model flattens an (img_size/4)² map into its first FC and EN's k×k pooled light model
     becomes a fixed-size average pool in ONNX, so both keep the training size there.
     """
-    return arch['light'] is True
+    return not sizing.is_full(arch['light']) and mlp_pool_size(arch['img_size'], arch['light']) == 1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -80,6 +81,8 @@ def read_export(folder: str | Path, device: torch.device | str = 'cpu') -> dict:
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
+
+    from model import GENERATOR_KEYS
     folder = Path(folder)
     try:
         config = json.loads((folder / CONFIG_NAME).read_text())
@@ -89,7 +92,7 @@ def read_export(folder: str | Path, device: torch.device | str = 'cpu') -> dict:
         raise utils.UserError(f'{folder} is not a U-GAT-IT export (config.json format {config.get("format")!r}, '
                               f'expected {FORMAT!r}); write one with scripts/export.py')
     state: dict = {'config': config, 'step': int(config.get('step', 0)), 'format': FORMAT}
-    for direction, key in CHECKPOINT_KEYS.items():
+    for direction, key in GENERATOR_KEYS.items():
         path = folder / f'{direction}.safetensors'
         try:
             weights = load_file(str(path), device=str(device))

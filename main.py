@@ -88,8 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(run, '--resume', False, 'continue from the newest checkpoint (step + 1, optimizer, RNG, EMA, ADA)')
     _flag(run, '--overwrite', False, 'start a fresh run although the results folder holds one: the old run is '
           'moved to RESULT_DIR/<dataset>.old-<time> (nothing is deleted)')
-    run.add_argument('--checkpoint', default=None, help='checkpoint file (anywhere) for the inference phases; '
-                     'the architecture is read from it. None: the newest one of the run')
+    run.add_argument('--checkpoint', default=None, help='checkpoint file (anywhere) or export folder '
+                     '(scripts/export.py) for the inference phases; the architecture is read from it. None: the '
+                     'newest one of the run')
     _flag(run, '--no_ema', False, 'translate with the raw generators even when EMA weights exist')
     run.add_argument('--img_dir', default=None, help='folder to translate with --phase img_dir/generate')
     run.add_argument('--direction', default='A2B', choices=('A2B', 'B2A'), help='direction for img_dir/video')
@@ -100,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help='video frames: translate whole (resized) or a centre square crop')
     _flag(run, '--align_faces', False, 'video/camera/img_dir: detect and align faces, translate the crops '
           'and paste them back (needs facenet-pytorch MTCNN)')
+    _flag(run, '--keep_size', False, 'test/img_dir/generate/video/camera with a light model: translate each image '
+          'at its own size (sides reflect-padded to a multiple of 4 and cropped back) instead of img_size x img_size')
+    run.add_argument('--max_size', type=int, default=0, help='with --keep_size: translate at most this many pixels '
+                     'on the long side (aspect ratio kept; the output is resized back to the input size); 0: no limit')
 
     model = parser.add_argument_group('model')
     model.add_argument('--light', type=_light, default=False,
@@ -339,6 +344,7 @@ _FEATURE_OPTIONS: dict[str, tuple[str, object]] = {
     **{k: ('a face-segmentation loss (--seg_fix_weight W > 0 or a --seg_D_*/--seg_G_detach flag)',
            lambda c: c.use_faceseg) for k in ('hard_seg_edge', 'seg_fix_glass_mouth', 'faceseg_weights')},
     **{k: ('--metric_freq N', lambda c: c.metric_freq) for k in ('fid_batch', 'inception_weights')},
+    'max_size': ('--keep_size True', lambda c: c.keep_size),
 }
 
 
@@ -371,8 +377,15 @@ def _validate_phase(cfg, fail) -> None:
         fail(f'--video_path: {cfg.video_path} is not a file')
     if cfg.video_path and cfg.phase == 'video_dir' and not Path(cfg.video_path).is_dir():
         fail(f'--video_path: {cfg.video_path} is not a folder')
-    if cfg.checkpoint and not Path(cfg.checkpoint).is_file():
-        fail(f'--checkpoint: {cfg.checkpoint} not found')
+    if cfg.checkpoint and not Path(cfg.checkpoint).is_file() and not Path(cfg.checkpoint, 'config.json').is_file():
+        fail(f'--checkpoint: {cfg.checkpoint} is neither a checkpoint file nor an export folder (with config.json)')
+    if cfg.keep_size and cfg.phase in ('train', 'val'):
+        fail(f'--keep_size applies to the translating phases (test, img_dir, generate, video, video_dir, camera), '
+             f'not to --phase {cfg.phase}')
+    if cfg.keep_size and cfg.align_faces:
+        fail('--keep_size with --align_faces: aligned face crops are always translated at img_size; drop one of them')
+    if cfg.max_size < 0 or 0 < cfg.max_size < 8:
+        fail(f'--max_size must be 0 (no limit) or at least 8 pixels, got {cfg.max_size}')
 
 
 def _resolve_device(device: str, amp: str, fail) -> str:

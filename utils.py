@@ -140,8 +140,18 @@ def atomic_save(obj: object, path: str | os.PathLike) -> None:
         raise
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 'cpu') -> dict:
-    """Load a checkpoint safely (``weights_only=True``: tensors and plain containers only)."""
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 'cpu', mmap: bool = False) -> dict:
+    """Load a checkpoint safely (``weights_only=True``: tensors and plain containers only).
+
+    ``mmap``: map the file instead of reading it, so that only the tensors used are paged in (the
+    generators of a 10 GB training checkpoint); old non-zip files are read as usual.
+    """
+    if mmap:
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if 'zip' not in str(exc):
+                raise
     return torch.load(path, map_location=map_location, weights_only=True)
 
 

@@ -57,7 +57,7 @@ def export(args: argparse.Namespace, rest: list[str]) -> list[Path]:
         raise utils.UserError(f'--out {args.out} exists and is not an export folder; choose a new or empty folder')
     config = state.get('config') or {}
     metadata = {'step': int(state.get('step', 0)), 'ema': bool(state['uses_ema']),
-                'dataset': config.get('dataset_name') or config.get('dataset'),
+                'dataset_name': config.get('dataset_name'),
                 'source': Path(args.checkpoint).name}
     paths = exports.write_export(translator.generators, translator.arch, args.out, fp16=args.fp16,
                                  metadata=metadata)

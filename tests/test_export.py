@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import exports
+from model import GENERATOR_KEYS
 from networks import ResnetGenerator
 
 # A tiny version of each architecture family the exporter must handle.
@@ -90,7 +91,7 @@ def test_export_folder_round_trip(tmp_path, fp16):
 
     state = exports.read_export(tmp_path / 'export')
     x = images(2, 3, 32, 32)
-    for direction, key in exports.CHECKPOINT_KEYS.items():
+    for direction, key in GENERATOR_KEYS.items():
         rebuilt = tiny_generator(arch, seed=99)
         rebuilt.load_state_dict(state[key], strict=True)
         assert all(t.dtype == torch.float32 for t in state[key].values())
