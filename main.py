@@ -344,7 +344,6 @@ _FEATURE_OPTIONS: dict[str, tuple[str, object]] = {
     **{k: ('a face-segmentation loss (--seg_fix_weight W > 0 or a --seg_D_*/--seg_G_detach flag)',
            lambda c: c.use_faceseg) for k in ('hard_seg_edge', 'seg_fix_glass_mouth', 'faceseg_weights')},
     **{k: ('--metric_freq N', lambda c: c.metric_freq) for k in ('fid_batch', 'inception_weights')},
-    'max_size': ('--keep_size True', lambda c: c.keep_size),
 }
 
 
@@ -384,6 +383,8 @@ def _validate_phase(cfg, fail) -> None:
              f'not to --phase {cfg.phase}')
     if cfg.keep_size and cfg.align_faces:
         fail('--keep_size with --align_faces: aligned face crops are always translated at img_size; drop one of them')
+    if 'max_size' in cfg.explicit and not cfg.keep_size:
+        fail('--max_size has no effect without --keep_size True: add that, or drop --max_size')
     if cfg.max_size < 0 or 0 < cfg.max_size < 8:
         fail(f'--max_size must be 0 (no limit) or at least 8 pixels, got {cfg.max_size}')
 

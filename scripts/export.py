@@ -23,10 +23,11 @@ import utils  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], epilog='Other flags are main.py\'s '
-                                     'model flags, needed only for PT-format checkpoints.',
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument('--checkpoint', required=True, help='training checkpoint (.pt) to export')
+    # No abbreviations: --ch (a model flag for PT-format files) must not be taken for --checkpoint.
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], allow_abbrev=False,
+                                     epilog="Other flags are main.py's model flags, needed only for PT-format "
+                                     'checkpoints.', formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument('--checkpoint', required=True, help='training checkpoint (.pt), or an export to convert')
     parser.add_argument('--out', required=True, type=Path, help='folder to write (created if missing)')
     parser.add_argument('--fp16', action='store_true', help='store the weights as float16 (half the size)')
     parser.add_argument('--onnx', action='store_true', help='also write A2B.onnx and B2A.onnx (needs onnx, '
@@ -36,8 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def architecture_flags(rest: list[str]):
-    """main.py's flags for PT-format checkpoints (which store no architecture), and which were given."""
+    """main.py's flags for PT-format checkpoints (which store no architecture), and which were given;
+    None when there are none."""
     import main
+    if not rest:
+        return None, frozenset()
     parser = main.build_parser()
     try:
         flags = parser.parse_args(rest)
