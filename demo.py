@@ -37,8 +37,10 @@ IMAGE_HEIGHT = 320
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # No abbreviations: --ch (a model flag for PT-format files) must not be taken for --checkpoint.
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], allow_abbrev=False,
+                                     epilog="Other flags are main.py's model flags, needed only for PT-format "
+                                     'checkpoints.', formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument('--checkpoint', required=True,
                         help='training checkpoint (.pt) or export folder (scripts/export.py)')
     parser.add_argument('--port', type=int, default=7860, help='port to serve the page on')
@@ -139,10 +141,16 @@ def build_page(model: DemoModel, examples: list[tuple[Path, str]], title: str):
     return page
 
 
-def load_model(checkpoint: str, device: str, use_ema: bool):
-    """A model.Translator from a training checkpoint or an export folder (one-line errors)."""
+def load_model(checkpoint: str, device: str, use_ema: bool, model_flags: list[str] = ()):
+    """A model.Translator from a training checkpoint or an export folder (one-line errors);
+    ``model_flags``: main.py's model flags, for PT-format checkpoints only."""
+    import main
     import model
-    translator, state = model.load_translator(checkpoint, device, use_ema=use_ema)
+    flags, explicit = main.architecture_flags(list(model_flags))
+    translator, state = model.load_translator(checkpoint, device, use_ema=use_ema, flags=flags, explicit=explicit)
+    if not use_ema and state['uses_ema']:
+        raise utils.UserError(f'--no_ema: {checkpoint} holds only the EMA generators (an export); export the raw '
+                              f'ones with scripts/export.py --no_ema, or pass the training checkpoint')
     weights = 'EMA' if state.get('uses_ema') else 'raw'
     print(f'loaded {checkpoint} (step {state.get("step", "?")}, {weights} generators, '
           f'{translator.arch["img_size"]} px, {"light" if not sizing.is_full(translator.arch["light"]) else "full"})',
@@ -152,14 +160,14 @@ def load_model(checkpoint: str, device: str, use_ema: bool):
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault('GRADIO_ANALYTICS_ENABLED', 'False')
-    args = build_parser().parse_args(argv)
+    args, model_flags = build_parser().parse_known_args(argv)
     try:
         import gradio  # noqa: F401 - checked before the model loads
     except ImportError:
         print('error: the demo needs gradio: pip install -r requirements-extras.txt', file=sys.stderr)
         return 2
     try:
-        demo_model = DemoModel(load_model(args.checkpoint, args.device, not args.no_ema), args.max_size)
+        demo_model = DemoModel(load_model(args.checkpoint, args.device, not args.no_ema, model_flags), args.max_size)
         page = build_page(demo_model, example_images(args.examples), f'U-GAT-IT: {Path(args.checkpoint).name}')
     except utils.UserError as exc:
         print(f'error: {exc}', file=sys.stderr)

@@ -242,6 +242,17 @@ def explicit_flags(argv: list[str]) -> frozenset[str]:
     return frozenset(vars(probe.parse_args(argv)))
 
 
+def architecture_flags(argv: list[str]) -> tuple[argparse.Namespace | None, frozenset[str]]:
+    """The model flags of tools that load a checkpoint (scripts/export.py, demo.py): needed only for
+    PT-format files, which record no architecture. (None, {}) when none are given."""
+    if not argv:
+        return None, frozenset()
+    flags = build_parser().parse_args(argv)   # a bad flag: one line, exit status 2
+    flags.n_global_dis = flags.n_dis + 1 if flags.n_global_dis is None else flags.n_global_dis
+    flags.n_local_dis = flags.n_dis - 1 if flags.n_local_dis is None else flags.n_local_dis
+    return flags, explicit_flags(argv)
+
+
 def validate(cfg: argparse.Namespace) -> None:
     """All cross-flag rules in one place; fills derived fields."""
     from networks import min_image_size

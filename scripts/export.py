@@ -18,6 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import exports  # noqa: E402
+import main as cli  # noqa: E402
 import model  # noqa: E402
 import utils  # noqa: E402
 
@@ -36,25 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def architecture_flags(rest: list[str]):
-    """main.py's flags for PT-format checkpoints (which store no architecture), and which were given;
-    None when there are none."""
-    import main
-    if not rest:
-        return None, frozenset()
-    parser = main.build_parser()
-    try:
-        flags = parser.parse_args(rest)
-    except SystemExit:
-        raise utils.UserError(f'unknown or bad flags {" ".join(rest)} (see python scripts/export.py --help)') from None
-    flags.n_global_dis = flags.n_dis + 1 if flags.n_global_dis is None else flags.n_global_dis
-    flags.n_local_dis = flags.n_dis - 1 if flags.n_local_dis is None else flags.n_local_dis
-    return flags, main.explicit_flags(rest)
-
-
 def export(args: argparse.Namespace, rest: list[str]) -> list[Path]:
     """Load the checkpoint's generators as the test phase would, then write the export folder."""
-    flags, explicit = architecture_flags(rest)
+    flags, explicit = cli.architecture_flags(rest)
     translator, state = model.load_translator(args.checkpoint, 'cpu', use_ema=not args.no_ema, flags=flags,
                                               explicit=explicit)
     if args.out.exists() and any(args.out.iterdir()) and not exports.is_export(args.out):
