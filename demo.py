@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 import dataset as data
@@ -113,6 +114,11 @@ def example_images(sources: list[Path] | None, per_folder: int = 2) -> list[tupl
     return found
 
 
+def label(direction: str) -> str:
+    """'A2B' -> 'A → B' (the radio button's text; the API takes 'A2B')."""
+    return direction.replace('2', ' → ')
+
+
 def build_page(model: DemoModel, examples: list[tuple[Path, str]], title: str):
     """The Gradio page: input | translation | heatmap, direction and face options, examples."""
     import gradio as gr
@@ -131,7 +137,8 @@ def build_page(model: DemoModel, examples: list[tuple[Path, str]], title: str):
             heatmap = gr.Image(type='numpy', format='png', label='CAM heatmap', elem_id='heatmap',
                                interactive=False, height=IMAGE_HEIGHT)
         with gr.Row():
-            direction = gr.Radio(['A2B', 'B2A'], value='A2B', label='direction', elem_id='direction')
+            direction = gr.Radio([(label(d), d) for d in ('A2B', 'B2A')], value='A2B', label='direction',
+                                 elem_id='direction')
             align = gr.Checkbox(False, label='align face and paste it back (MTCNN)', elem_id='align')
             button = gr.Button('Translate', variant='primary', elem_id='translate')
         if examples:
@@ -161,11 +168,18 @@ def load_model(checkpoint: str, device: str, use_ema: bool, model_flags: list[st
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault('GRADIO_ANALYTICS_ENABLED', 'False')
     args, model_flags = build_parser().parse_known_args(argv)
+    if args.max_size < 0 or 0 < args.max_size < sizing.MIN_SIDE:
+        print(f'error: --max_size must be 0 (no limit) or at least {sizing.MIN_SIDE}, got {args.max_size}',
+              file=sys.stderr)
+        return 2
     try:
         import gradio  # noqa: F401 - checked before the model loads
     except ImportError:
         print('error: the demo needs gradio: pip install -r requirements-extras.txt', file=sys.stderr)
         return 2
+    if args.device.startswith('cuda') and not torch.cuda.is_available():
+        print('note: CUDA is not available; running on the CPU', file=sys.stderr)
+        args.device = 'cpu'
     try:
         demo_model = DemoModel(load_model(args.checkpoint, args.device, not args.no_ema, model_flags), args.max_size)
         page = build_page(demo_model, example_images(args.examples), f'U-GAT-IT: {Path(args.checkpoint).name}')

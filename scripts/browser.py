@@ -106,7 +106,8 @@ def translate_in_page(driver, url: str, image: str | Path, direction: str = 'A2B
     upload = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, '#input input[type=file]'))
     upload.send_keys(str(Path(image).resolve()))
     wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, '#input img'))   # the upload is shown
-    driver.find_element(By.XPATH, f'//*[@id="direction"]//label[normalize-space()="{direction}"]').click()
+    label = direction.replace('2', ' → ')   # demo.label
+    driver.find_element(By.XPATH, f'//*[@id="direction"]//label[normalize-space()="{label}"]').click()
     driver.find_element(By.CSS_SELECTOR, '#translate').click()
     shown = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, '#translation img'))[0]
     wait.until(lambda d: d.execute_script('return arguments[0].complete && arguments[0].naturalWidth > 0', shown))
