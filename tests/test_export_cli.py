@@ -187,8 +187,9 @@ def test_export_refuses_to_write_into_an_unrelated_folder(trained, tmp_path, cap
 # --keep_size through main.py
 
 
-def test_keep_size_img_dir_writes_each_image_at_its_own_size(trained, tmp_path):
+def test_keep_size_img_dir_from_a_light_export_writes_each_image_at_its_own_size(trained, tmp_path):
     data, checkpoint = trained
+    export(checkpoint, tmp_path / 'exp')
     photos = tmp_path / 'photos'
     photos.mkdir()
     rng = np.random.default_rng(0)
@@ -196,8 +197,8 @@ def test_keep_size_img_dir_writes_each_image_at_its_own_size(trained, tmp_path):
         Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(photos / f'{name}.png')
     for flags in ((), ('--max_size', '100')):
         out = tmp_path / f'out{len(flags)}'
-        assert run_phase(data, tmp_path, checkpoint, '--phase', 'img_dir', '--img_dir', str(photos), '--out_dir',
-                         str(out), '--keep_size', 'True', *flags) == 0
+        assert run_phase(data, tmp_path, tmp_path / 'exp', '--phase', 'img_dir', '--img_dir', str(photos),
+                         '--out_dir', str(out), '--keep_size', 'True', *flags) == 0
         assert {p.name: Image.open(p).size for p in out.glob('*.png')} == {'wide.png': (300, 200),
                                                                            'odd.png': (38, 26)}
 
