@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--host', default='127.0.0.1', help="address to listen on ('0.0.0.0': every interface)")
     parser.add_argument('--device', default='cpu', help="'cpu', 'cuda' or 'cuda:N'")
     parser.add_argument('--no_ema', action='store_true', help='use the raw generators even when EMA weights exist')
+    parser.add_argument('--amp', default='off', choices=('off', 'bf16', 'fp16'),
+                        help='mixed precision: bf16 about halves the CPU time on CPUs with bfloat16 support '
+                        '(translations within a few 8-bit levels); fp16 needs CUDA')
     parser.add_argument('--max_size', type=int, default=512,
                         help='light models: the long side is at most this while translating (0: no limit)')
     parser.add_argument('--examples', nargs='*', type=Path, default=None,
@@ -180,8 +183,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.device.startswith('cuda') and not torch.cuda.is_available():
         print('note: CUDA is not available; running on the CPU', file=sys.stderr)
         args.device = 'cpu'
+    if args.amp == 'fp16' and not args.device.startswith('cuda'):
+        print('error: --amp fp16 needs a CUDA device; on the CPU use --amp bf16 or --amp off', file=sys.stderr)
+        return 2
     try:
-        demo_model = DemoModel(load_model(args.checkpoint, args.device, not args.no_ema, model_flags), args.max_size)
+        translator = load_model(args.checkpoint, args.device, not args.no_ema, model_flags)
+        translator.autocast = lambda: utils.autocast(args.amp, translator.device.type)
+        demo_model = DemoModel(translator, args.max_size)
         page = build_page(demo_model, example_images(args.examples), f'U-GAT-IT: {Path(args.checkpoint).name}')
     except utils.UserError as exc:
         print(f'error: {exc}', file=sys.stderr)

@@ -17,6 +17,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -47,11 +48,12 @@ def running_demo(checkpoint: str | Path, *extra: str, timeout: float = 120) -> I
     """Start ``demo.py`` on a free port; yields its URL once it answers, stops it afterwards."""
     port = free_port()
     url = f'http://127.0.0.1:{port}/'
+    log = tempfile.TemporaryFile('w+')   # not a pipe: a chatty server must never block on a full one
     process = subprocess.Popen([sys.executable, str(REPO / 'demo.py'), '--checkpoint', str(checkpoint),
-                                '--port', str(port), '--device', 'cpu', *extra],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                                '--port', str(port), '--device', 'cpu', *extra], stdout=log, stderr=subprocess.STDOUT,
+                               text=True)
     try:
-        _wait_for_page(url, process, timeout)
+        _wait_for_page(url, process, log, timeout)
         yield url
     finally:
         process.terminate()
@@ -59,13 +61,15 @@ def running_demo(checkpoint: str | Path, *extra: str, timeout: float = 120) -> I
             process.wait(timeout=10)
         except subprocess.TimeoutExpired:
             process.kill()
+        log.close()
 
 
-def _wait_for_page(url: str, process: subprocess.Popen, timeout: float) -> None:
+def _wait_for_page(url: str, process: subprocess.Popen, log, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f'demo.py exited with {process.returncode}:\n{process.stdout.read()}')
+            log.seek(0)
+            raise RuntimeError(f'demo.py exited with {process.returncode}:\n{log.read()}')
         with contextlib.suppress(OSError):
             with urllib.request.urlopen(url, timeout=2) as response:
                 if response.status == 200:
