@@ -72,10 +72,16 @@ class RunFiles:
             found.append(logs)
         return found
 
+    # What a run writes into its folder (the folder itself may hold other things, even the dataset).
+    RUN_ENTRIES = ('model', 'logs', 'img', 'test', 'metric_cache', 'metrics.jsonl', 'config.json')
+
     def archive(self) -> Path:
-        """Move the run folder (and PT's latest file) aside as ``<run>.old-<time>``; nothing is deleted."""
+        """Move the run's outputs (and PT's latest file) aside into ``<run>.old-<time>``; nothing is deleted."""
         archive = self.run_dir.with_name(f'{self.run_dir.name}.old-{time.strftime("%Y%m%d-%H%M%S")}')
-        self.run_dir.rename(archive)
+        archive.mkdir(parents=True)
+        for name in self.RUN_ENTRIES:
+            if (self.run_dir / name).exists():
+                (self.run_dir / name).rename(archive / name)
         if self.latest_path.exists():
             self.latest_path.rename(archive / self.latest_path.name)
         return archive

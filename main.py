@@ -48,7 +48,7 @@ def _groups(value: str) -> list[int]:
 
 # The bare form of these flags switched the feature OFF in enhanced-U-GAT-IT (store_false) but
 # means on everywhere here; taking either meaning silently would mis-run somebody's command line.
-BARE = 'bare'
+BARE = object()   # not a string: argparse would pass a string const through ``type``
 
 
 def _flag(group, name: str, default: bool, help: str, *aliases: str, bare: bool = True) -> None:
@@ -107,6 +107,15 @@ def build_parser() -> argparse.ArgumentParser:
                      'on the long side (aspect ratio kept; the output is resized back to the input size); 0: no limit')
 
     model = parser.add_argument_group('model')
+    model.add_argument('--arch', default='pt', choices=('pt', 'tf'),
+                       help="pt: the official PyTorch graph; tf: the official TensorFlow graph (biases, affine "
+                       'encoder norms, TF padding, shared CAM FC, N(0, 0.02) init; needs --n_res 4)')
+    model.add_argument('--tf_graph', default=None, choices=('current', '2019'),
+                       help="--arch tf: TF's code version, current (HEAD) or 2019 (2019-08-15, separate CAM logit "
+                       "FC in G, D's CAM weighted by the raw kernel; the released checkpoints' code). "
+                       'None: current')
+    _flag(model, '--smoothing', None, "--arch tf: AdaLIN uses clip(rho - 0.1, 0, 1), TF's --smoothing. "
+          'None: True (TF\'s default); PT has no smoothing')
     model.add_argument('--light', type=_light, default=False,
                        help='True: light model (pooled MLP input); an integer k>1: k×k pooling (EN); '
                        'False/0/-1: full model')
@@ -255,6 +264,7 @@ def architecture_flags(argv: list[str]) -> tuple[argparse.Namespace | None, froz
 
 def validate(cfg: argparse.Namespace) -> None:
     """All cross-flag rules in one place; fills derived fields."""
+    from model import network_arch
     from networks import min_image_size
     fail = _fail
     cfg.explicit = getattr(cfg, 'explicit', frozenset())
@@ -266,19 +276,21 @@ def validate(cfg: argparse.Namespace) -> None:
         if getattr(cfg, name) < 1:
             fail(f'--{name} must be >= 1, got {getattr(cfg, name)}')
     for flag in ('sn', 'cam_D_attention'):
-        if getattr(cfg, flag) == BARE:
+        if getattr(cfg, flag) is BARE:
             fail(f'--{flag} needs a value, --{flag} True or --{flag} False (in enhanced-U-GAT-IT a bare --{flag} '
                  f'turned it OFF; here a bare flag would mean on, so say which you mean)')
+    _validate_arch(cfg, fail)
     if cfg.n_dis != 6 and (cfg.n_global_dis is not None or cfg.n_local_dis is not None):
         fail('give either --n_dis (TF style) or --n_global_dis/--n_local_dis, not both')
     cfg.n_global_dis = cfg.n_dis + 1 if cfg.n_global_dis is None else cfg.n_global_dis
     cfg.n_local_dis = cfg.n_dis - 1 if cfg.n_local_dis is None else cfg.n_local_dis
+    arch = network_arch(cfg)
     for flag, layers in (('--n_global_dis', cfg.n_global_dis), ('--n_local_dis', cfg.n_local_dis)):
         if layers < 3:
             fail(f'{flag} must be >= 3, got {layers}')
-        if cfg.img_size < min_image_size(layers):
+        if cfg.phase == 'train' and cfg.img_size < min_image_size(layers, arch):   # inference builds no D
             fail(f'--img_size {cfg.img_size} is too small for a {layers}-layer discriminator ({flag}); it needs '
-                 f'--img_size >= {min_image_size(layers)}, or pass a smaller {flag} '
+                 f'--img_size >= {min_image_size(layers, arch)}, or pass a smaller {flag} '
                  f'(e.g. --n_global_dis 5 --n_local_dis 4 at 64 px)')
     if cfg.img_size % 4:
         fail(f'--img_size must be a multiple of 4 (two stride-2 stages), got {cfg.img_size}')
@@ -301,6 +313,21 @@ def validate(cfg: argparse.Namespace) -> None:
 
 def _fail(message: str) -> None:
     raise utils.UserError(message)
+
+
+def _validate_arch(cfg, fail) -> None:
+    """--tf_graph/--smoothing belong to --arch tf; TF's MLP (ch*n_res wide) only fits --n_res 4."""
+    if cfg.arch == 'pt':
+        # Inference reads the architecture from the checkpoint, so there the flags are only checked against it.
+        if cfg.phase == 'train' and (cfg.tf_graph is not None or cfg.smoothing is not None):
+            fail('--tf_graph and --smoothing apply to --arch tf only (the PyTorch graph has neither)')
+        cfg.smoothing = bool(cfg.smoothing)
+        return
+    if cfg.n_res != 4:
+        fail(f"--arch tf needs --n_res 4: TF's MLP is ch*n_res wide but feeds the 4*ch AdaLIN channels, so the "
+             f'official graph only builds with 4 (got {cfg.n_res})')
+    cfg.tf_graph = cfg.tf_graph or 'current'
+    cfg.smoothing = True if cfg.smoothing is None else cfg.smoothing
 
 
 def _validate_face(cfg, fail) -> None:

@@ -17,13 +17,13 @@ from torch import nn
 
 import exports
 import utils
-from networks import Discriminator, GeneratorOutput, ResnetGenerator
+from networks import PT, Arch, Discriminator, GeneratorOutput, ResnetGenerator
 
 # The config fields that define the networks' shapes and function. Every checkpoint stores them
 # (state['config']); inference rebuilds the networks from them.
 ARCH_KEYS = ('light', 'ch', 'n_res', 'img_size', 'img_ch', 'use_se', 'attention_gan', 'attention_input',
              'use_deconv', 'sn', 'cam_D_attention', 'cam_D_weight', 'n_global_dis', 'n_local_dis',
-             'use_grouploss', 'groups')
+             'use_grouploss', 'groups', 'arch', 'tf_graph', 'smoothing')
 
 # Command-line spelling of a key where it differs from ``--<key>``.
 FLAG_NAMES = {'groups': '--group'}
@@ -36,10 +36,14 @@ PT_KEYS = {'genA2B': ('G', 'A2B'), 'genB2A': ('G', 'B2A'), 'disGA': ('D', 'A', '
 GENERATOR_KEYS = {'A2B': 'genA2B', 'B2A': 'genB2A'}
 
 
+# Values of keys that configs written before the key existed lack.
+ARCH_DEFAULTS = {'arch': 'pt', 'tf_graph': None, 'smoothing': False}
+
+
 def arch_config(cfg) -> dict:
     """The architecture part of a config (an argparse namespace or a dict)."""
     get = cfg.get if isinstance(cfg, dict) else lambda key, default=None: getattr(cfg, key, default)
-    return {key: get(key) for key in ARCH_KEYS}
+    return {key: get(key, ARCH_DEFAULTS.get(key)) for key in ARCH_KEYS}
 
 
 def flag_name(key: str) -> str:
@@ -73,6 +77,15 @@ def _show(value: object) -> str:
 # Building the networks
 
 
+def network_arch(arch: Mapping | object) -> Arch:
+    """The official graph an architecture config asks for (--arch, --tf_graph, --smoothing); configs
+    from before --arch existed mean PT."""
+    arch = arch_config(arch)
+    if arch['arch'] != 'tf':
+        return PT
+    return Arch('tf', arch['tf_graph'] or 'current', bool(arch['smoothing']))
+
+
 def build_generator(arch: Mapping | object) -> ResnetGenerator:
     """A generator as the architecture config (or a whole config) describes it; networks never see
     the config, only plain arguments."""
@@ -80,7 +93,7 @@ def build_generator(arch: Mapping | object) -> ResnetGenerator:
     return ResnetGenerator(arch['img_ch'], arch['img_ch'], ngf=arch['ch'], n_blocks=arch['n_res'],
                            img_size=arch['img_size'], light=arch['light'], use_se=arch['use_se'],
                            attention_gan=arch['attention_gan'], attention_input=arch['attention_input'],
-                           use_deconv=arch['use_deconv'])
+                           use_deconv=arch['use_deconv'], arch=network_arch(arch))
 
 
 def build_critic(arch: Mapping | object, domain: str) -> nn.ModuleDict:
@@ -92,7 +105,7 @@ def build_critic(arch: Mapping | object, domain: str) -> nn.ModuleDict:
     def make(n_layers: int) -> Discriminator:
         return Discriminator(arch['img_ch'], ndf=arch['ch'], n_layers=n_layers, sn=arch['sn'],
                              cam_attention=arch['cam_D_attention'] and arch['cam_D_weight'] > 0,
-                             n_groups=n_groups)
+                             n_groups=n_groups, arch=network_arch(arch))
     return nn.ModuleDict({'G': make(arch['n_global_dis']), 'L': make(arch['n_local_dis'])})
 
 
@@ -192,7 +205,7 @@ def stored_arch(state: Mapping) -> dict | None:
         return None
     defaults = {'img_ch': 3, 'use_se': False, 'attention_gan': 0, 'attention_input': False, 'use_deconv': False,
                 'sn': True, 'cam_D_attention': True, 'cam_D_weight': 1.0, 'n_global_dis': 7, 'n_local_dis': 5,
-                'use_grouploss': False, 'groups': None}
+                'use_grouploss': False, 'groups': None, **ARCH_DEFAULTS}
     return {key: config.get(key, defaults.get(key)) for key in ARCH_KEYS}
 
 

@@ -74,3 +74,23 @@ def test_kid_per_group_matches_direct_computation(tmp_path, inception_file):
         assert results[f'KID/A2B_group{g}'] == kernel_inception_distance(real, fakes)[0]
     assert results['KID/A2B_group0'] != results['KID/A2B_group1']
     assert 'KID/B2A_group1' in results and 'FID/A2B' in results
+
+
+def test_logged_scores_are_reproduced_from_the_written_test_images(tiny_dataset, tmp_path, inception_file):
+    """Training scores quantised translations, so `python -m metrics` on the PNGs the test phase
+    writes (real images resized to img_size) gives the logged FID and KID."""
+    from metrics.__main__ import build_parser, run
+    out = tmp_path / 'r'
+    flags = tiny_flags(tiny_dataset, out, '--iteration', '2', '--save_freq', '2', '--metric_freq', '2',
+                       '--inception_weights', str(inception_file), '--ema_start', '0')
+    assert main.main(flags) == 0
+    logged = json.loads((out / 'tiny' / 'metrics.jsonl').read_text().splitlines()[-1])
+    assert logged['images']['A2B_ema'] == {'real': 5, 'fake': 3}
+    assert len(logged['generators']['A2B_ema']) == 64 and 'bilinear' in logged['resize']
+    assert main.main(tiny_flags(tiny_dataset, out, '--phase', 'test')) == 0     # EMA generators
+    for direction, real in (('A2B', 'trainB'), ('B2A', 'trainA')):
+        args = build_parser().parse_args([str(tiny_dataset / real), str(out / 'tiny' / 'test' / direction),
+                                          '--weights', str(inception_file), '--device', 'cpu', '--img_size', '32'])
+        scores = run(args)
+        assert scores['FID'] == pytest.approx(logged[f'FID/{direction}_ema'], rel=1e-6, abs=1e-6)
+        assert scores['KID'] == pytest.approx(logged[f'KID/{direction}_ema'], rel=1e-6, abs=1e-9)
