@@ -70,7 +70,7 @@ PRESETS: dict[str, Preset] = {
         'This project\'s demo: a 64 px light model with ch 16 on the bundled dataset/demo (minutes on a CPU)',
         'this README "Quick start"',
         {'dataset': 'demo', 'light': True, 'ch': 16, 'img_size': 64, 'n_global_dis': 5, 'n_local_dis': 4,
-         'ema_beta': 0.995, 'iteration': 1000, 'print_freq': 250, 'save_freq': 1000}),
+         'iteration': 1000, 'print_freq': 250, 'save_freq': 1000}),
 }
 
 # Destinations whose flag is spelled differently.

@@ -25,8 +25,8 @@ def test_preset_command_line_parses_back_to_its_values(name):
 def test_preset_fills_flags_and_explicit_flags_override(tiny_dataset):
     cfg = main.parse_args(['--preset', 'demo', '--dataset', str(tiny_dataset), '--ch', '8', '--device', 'cpu'])
     assert cfg.preset == 'demo'
-    assert (cfg.light, cfg.img_size, cfg.n_global_dis, cfg.n_local_dis, cfg.ema_beta, cfg.iteration) == \
-        (True, 64, 5, 4, 0.995, 1000)                        # from the preset
+    assert (cfg.light, cfg.img_size, cfg.n_global_dis, cfg.n_local_dis, cfg.iteration) == \
+        (True, 64, 5, 4, 1000)                               # from the preset
     assert cfg.ch == 8 and cfg.dataset == str(tiny_dataset)  # given on the command line
     plain = main.parse_args(['--dataset', str(tiny_dataset), '--device', 'cpu'])
     assert (plain.light, plain.img_size, plain.ch) == (False, 256, 64)
@@ -47,4 +47,10 @@ def test_help_lists_presets_and_readme_shows_the_table():
     text = main.build_parser().format_help()
     for name in presets.PRESETS:
         assert f'\n  {name} ' in text
-    assert presets.markdown_table() in (REPO / 'README.md').read_text()
+    readme = (REPO / 'README.md').read_text()
+    assert presets.markdown_table() in readme
+    # the demo preset is the Quick start's training command
+    quick_start = readme.split('## Quick start')[1].split('python main.py ')[1].split(' &&')[0].split()
+    cfg = main.build_parser().parse_args(quick_start)
+    demo = presets.PRESETS['demo'].values
+    assert {key: getattr(cfg, key) for key in demo} == demo
