@@ -35,6 +35,9 @@ import utils
 REPO = Path(__file__).resolve().parent
 DEFAULT_EXAMPLES = (REPO / 'dataset' / 'demo' / 'testA', REPO / 'dataset' / 'demo' / 'testB')
 IMAGE_HEIGHT = 320
+# Small images (a 64 px demo model) fill their boxes, with visible pixels rather than blur.
+CSS = ('#input img, #translation img, #heatmap img {width: 100%; height: 100%; object-fit: contain; '
+       'image-rendering: pixelated} #input img {height: calc(100% - 48px)}')
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -194,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     except utils.UserError as exc:
         print(f'error: {exc}', file=sys.stderr)
         return 2
-    page.launch(server_name=args.host, server_port=args.port, show_error=True)
+    page.launch(server_name=args.host, server_port=args.port, show_error=True, css=CSS)
     return 0
 
 
