@@ -10,6 +10,7 @@ import os
 import sys
 from pathlib import Path
 
+import presets
 import utils
 from losses import GAN_TYPES, PENALTY_GAN_TYPES
 from utils import str2bool
@@ -59,6 +60,10 @@ def _flag(group, name: str, default: bool, help: str, *aliases: str, bare: bool 
                        metavar='BOOL', help=help)
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults in every flag's help; the epilog (presets, torchrun) keeps its line breaks."""
+
+
 class _Parser(argparse.ArgumentParser):
     """Bad flags give one line (what is wrong, where to look) and exit code 2, no usage dump."""
 
@@ -69,10 +74,13 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         description='U-GAT-IT: unpaired image-to-image translation (PyTorch).',
-        epilog='multi-GPU / multi-node: torchrun --nproc_per_node N main.py ... (--batch_size is per process)',
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        epilog=presets.help_text() + '\n\nmulti-GPU / multi-node: torchrun --nproc_per_node N main.py ... '
+        '(--batch_size is per process)',
+        formatter_class=_HelpFormatter)
     run = parser.add_argument_group('run')
     run.add_argument('--phase', default='train', choices=PHASES, help='what to do')
+    run.add_argument('--preset', default=None, choices=list(presets.PRESETS), metavar='NAME',
+                     help='fill in a published recipe (listed below); flags you give override its values')
     run.add_argument('--dataset', default='selfie2anime',
                      help='dataset/NAME/{trainA,trainB,testA,testB}, or a path to such a folder')
     run.add_argument('--result_dir', default='results', help='outputs go to RESULT_DIR/<dataset>/')
@@ -82,8 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(run, '--resume', False, 'continue from the newest checkpoint (step + 1, optimizer, RNG, EMA, ADA)')
     _flag(run, '--overwrite', False, 'start a fresh run although the results folder holds one: the old run is '
           'moved to RESULT_DIR/<dataset>.old-<time> (nothing is deleted)')
-    run.add_argument('--checkpoint', default=None, help='checkpoint file (anywhere) for the inference phases; '
-                     'the architecture is read from it. None: the newest one of the run')
+    run.add_argument('--checkpoint', default=None, help='checkpoint file (anywhere) or export folder '
+                     '(scripts/export.py) for the inference phases; the architecture is read from it. None: the '
+                     'newest one of the run')
     _flag(run, '--no_ema', False, 'translate with the raw generators even when EMA weights exist')
     run.add_argument('--img_dir', default=None, help='folder to translate with --phase img_dir/generate')
     run.add_argument('--direction', default='A2B', choices=('A2B', 'B2A'), help='direction for img_dir/video')
@@ -94,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help='video frames: translate whole (resized) or a centre square crop')
     _flag(run, '--align_faces', False, 'video/camera/img_dir: detect and align faces, translate the crops '
           'and paste them back (needs facenet-pytorch MTCNN)')
+    _flag(run, '--keep_size', False, 'test/img_dir/generate/video/camera with a light model: translate each image '
+          'at its own size (sides reflect-padded to a multiple of 4 and cropped back) instead of img_size x img_size')
+    run.add_argument('--max_size', type=int, default=0, help='with --keep_size: translate at most this many pixels '
+                     'on the long side (aspect ratio kept; the output is resized back to the input size); 0: no limit')
 
     model = parser.add_argument_group('model')
     model.add_argument('--arch', default='pt', choices=('pt', 'tf'),
@@ -248,7 +261,11 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse and validate; raises utils.UserError with a one-line message on bad input."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    cfg = build_parser().parse_args(argv)
+    parser = build_parser()
+    cfg = parser.parse_args(argv)
+    if cfg.preset:   # the preset's values become defaults, so the flags given still win
+        parser.set_defaults(**presets.PRESETS[cfg.preset].values)
+        cfg = parser.parse_args(argv)
     cfg.explicit = explicit_flags(argv)
     validate(cfg)
     return cfg
@@ -260,6 +277,17 @@ def explicit_flags(argv: list[str]) -> frozenset[str]:
     for action in probe._actions:
         action.default = argparse.SUPPRESS
     return frozenset(vars(probe.parse_args(argv)))
+
+
+def architecture_flags(argv: list[str]) -> tuple[argparse.Namespace | None, frozenset[str]]:
+    """The model flags of tools that load a checkpoint (scripts/export.py, demo.py): needed only for
+    PT-format files, which record no architecture. (None, {}) when none are given."""
+    if not argv:
+        return None, frozenset()
+    flags = build_parser().parse_args(argv)   # a bad flag: one line, exit status 2
+    flags.n_global_dis = flags.n_dis + 1 if flags.n_global_dis is None else flags.n_global_dis
+    flags.n_local_dis = flags.n_dis - 1 if flags.n_local_dis is None else flags.n_local_dis
+    return flags, explicit_flags(argv)
 
 
 def validate(cfg: argparse.Namespace) -> None:
@@ -453,8 +481,17 @@ def _validate_phase(cfg, fail) -> None:
         fail(f'--video_path: {cfg.video_path} is not a file')
     if cfg.video_path and cfg.phase == 'video_dir' and not Path(cfg.video_path).is_dir():
         fail(f'--video_path: {cfg.video_path} is not a folder')
-    if cfg.checkpoint and not Path(cfg.checkpoint).is_file():
-        fail(f'--checkpoint: {cfg.checkpoint} not found')
+    if cfg.checkpoint and not Path(cfg.checkpoint).is_file() and not Path(cfg.checkpoint, 'config.json').is_file():
+        fail(f'--checkpoint: {cfg.checkpoint} is neither a checkpoint file nor an export folder (with config.json)')
+    if cfg.keep_size and cfg.phase in ('train', 'val'):
+        fail(f'--keep_size applies to the translating phases (test, img_dir, generate, video, video_dir, camera), '
+             f'not to --phase {cfg.phase}')
+    if cfg.keep_size and cfg.align_faces:
+        fail('--keep_size with --align_faces: aligned face crops are always translated at img_size; drop one of them')
+    if 'max_size' in cfg.explicit and not cfg.keep_size:
+        fail('--max_size has no effect without --keep_size True: add that, or drop --max_size')
+    if cfg.max_size < 0 or 0 < cfg.max_size < 8:
+        fail(f'--max_size must be 0 (no limit) or at least 8 pixels, got {cfg.max_size}')
 
 
 def _resolve_device(device: str, amp: str, fail) -> str:

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+import exports
 import utils
 from networks import PT, Arch, Discriminator, GeneratorOutput, ResnetGenerator
 
@@ -176,12 +177,19 @@ class Translator:
 
 
 def read_checkpoint(path: str | Path, device: torch.device | str = 'cpu') -> dict:
-    """A checkpoint file's contents, or a one-line UserError saying why it cannot be read."""
+    """A checkpoint file's contents (or an export folder's, shaped like one), or a one-line
+    UserError saying why it cannot be read."""
     path = Path(path)
+    if exports.is_export(path):
+        return exports.read_export(path, device)
+    if path.is_dir():
+        raise utils.UserError(f'{path} is a folder without {exports.CONFIG_NAME}: pass a checkpoint file or a '
+                              f'folder written by scripts/export.py')
     if not path.is_file():
         raise utils.UserError(f'checkpoint {path} not found')
     try:
-        state = utils.load_checkpoint(path, device)
+        # Mapped, not read: inference needs only the generators of the (up to 10 GB) training state.
+        state = utils.load_checkpoint(path, device, mmap=torch.device(device).type == 'cpu')
     except Exception as exc:  # noqa: BLE001 - any failure is reported on one line
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise utils.UserError(f'cannot load checkpoint {path}: {reason[:200]}') from None
@@ -223,8 +231,9 @@ def resolve_arch(state: Mapping, flags: Mapping | None, explicit: object = ()) -
 def load_translator(path: str | Path, device: torch.device | str = 'cpu', use_ema: bool = True,
                     flags: Mapping | object | None = None, explicit: object = (),
                     compile: bool = False) -> tuple[Translator, dict]:
-    """Build the generators a checkpoint describes and load its weights (EMA copies when present
-    and ``use_ema``). Returns the translator and the checkpoint's contents (step, config, ...)."""
+    """Build the generators a checkpoint (or an export folder) describes and load its weights (EMA
+    copies when present and ``use_ema``). Returns the translator and the checkpoint's contents
+    (step, config, ...; ``uses_ema`` says whether the generators are EMA copies)."""
     state = read_checkpoint(path, device)
     flag_dict = None if flags is None else (dict(flags) if isinstance(flags, Mapping) else vars(flags))
     arch = resolve_arch(state, flag_dict, explicit)
@@ -236,5 +245,7 @@ def load_translator(path: str | Path, device: torch.device | str = 'cpu', use_em
         net = net.to(device).eval().requires_grad_(False)
         generators[direction] = torch.compile(net) if compile else net
     state['has_ema'] = all(f'{k}_ema' in state for k in GENERATOR_KEYS.values())
-    state['uses_ema'] = use_ema and state['has_ema']
+    # An export holds one pair of generators; its config says whether they are the EMA copies.
+    exported_ema = state.get('format') == exports.FORMAT and bool(state['config'].get('ema'))
+    state['uses_ema'] = use_ema and state['has_ema'] or exported_ema
     return Translator(generators, arch, device), state

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 import dataset as data
 import model
+import sizing
 import utils
 from checkpoints import RunFiles
 
@@ -80,6 +81,11 @@ def load(cfg) -> Inference:
     translator, state = model.load_translator(path, cfg.device, use_ema=not cfg.no_ema, flags=cfg,
                                               explicit=cfg.explicit, compile=cfg.compile)
     translator.autocast = lambda: utils.autocast(cfg.amp, translator.device.type)
+    if cfg.no_ema and state['uses_ema']:
+        raise utils.UserError(f'--no_ema: {path} holds only the EMA generators (an export); export the raw ones '
+                              f'with scripts/export.py --no_ema, or pass the training checkpoint')
+    if cfg.keep_size:
+        sizing.check_keep_size(translator.arch)
     stored = state.get('config') or {}
     # A checkpoint alone names its run: outputs go next to the run it came from.
     name = stored.get('dataset_name') if 'dataset' not in cfg.explicit and stored.get('dataset_name') \
@@ -103,8 +109,8 @@ def test(job: Inference) -> None:
     rows: dict[str, list[tuple[str, Path, Path]]] = {}
     for direction in ('A2B', 'B2A'):
         folder = root / f'test{direction[0]}'
-        rows[direction] = _translate_tree(job, folder, out_root / direction, direction,
-                                          strips_dir=out_root / 'strips' / direction)
+        rows[direction] = _translate_tree(job, folder, out_root / direction, direction)
+        _write_strips(job, folder, out_root / 'strips' / direction, direction)
     _write_index(out_root / 'index.html', rows)
     print(f'wrote {sum(len(r) for r in rows.values())} translations to {out_root}', file=sys.stderr)
 
@@ -119,18 +125,22 @@ def translate_folder(job: Inference) -> None:
         _translate_photos(job, folder, out)
         return
     written = _translate_tree(job, folder, out, cfg.direction)
-    _note_non_square([source for _, source, _ in written], job.img_size)
+    if not cfg.keep_size:
+        _note_non_square([source for _, source, _ in written], job.img_size)
     print(f'wrote {len(written)} images to {out}', file=sys.stderr)
 
 
-def _translate_tree(job: Inference, folder: Path, out: Path, direction: str,
-                    strips_dir: Path | None = None) -> list[tuple[str, Path, Path]]:
+def _translate_tree(job: Inference, folder: Path, out: Path, direction: str) -> list[tuple[str, Path, Path]]:
     """Translate every image under ``folder`` into ``out/<name>.png`` (names from
-    ``dataset.output_names``: unique even when stems collide); returns (name, source, output)."""
+    ``dataset.output_names``: unique even when stems collide); returns (name, source, output).
+    Batched at img_size, or one by one at each image's own size with --keep_size."""
     cfg = job.cfg
     loader = data.build_test_loader(folder, job.img_size, batch_size=cfg.batch_size,
                                     num_workers=min(cfg.num_workers, 2))
     sources = dict(zip(loader.dataset.names, loader.dataset.paths))
+    if cfg.keep_size:
+        return [(name, path, _translate_file_at_own_size(job, path, out / f'{name}.png', direction))
+                for name, path in tqdm(sources.items(), desc=f'{direction} {folder.name}', file=sys.stderr)]
     written = []
     for images, names in tqdm(loader, desc=f'{direction} {folder.name}', file=sys.stderr):
         fakes = job.translate(images, direction)
@@ -138,10 +148,23 @@ def _translate_tree(job: Inference, folder: Path, out: Path, direction: str,
             target = out / f'{name}.png'
             utils.save_rgb(target, utils.tensor_to_uint8(fake))
             written.append((name, sources[name], target))
-        if strips_dir is not None:
-            for name, column in zip(names, job.translator.visual_columns(images, direction)):
-                utils.save_rgb(strips_dir / f'{name}.png', utils.grid([column]))
     return written
+
+
+def _translate_file_at_own_size(job: Inference, source: Path, target: Path, direction: str) -> Path:
+    translation, _ = sizing.translate_image(job.translator, data.load_rgb(source), direction, keep_size=True,
+                                            max_size=job.cfg.max_size)
+    utils.save_rgb(target, translation)
+    return target
+
+
+def _write_strips(job: Inference, folder: Path, strips_dir: Path, direction: str) -> None:
+    """PT's visual strips (real, heatmaps, translation, cycle) per image, at img_size."""
+    loader = data.build_test_loader(folder, job.img_size, batch_size=job.cfg.batch_size,
+                                    num_workers=min(job.cfg.num_workers, 2))
+    for images, names in loader:
+        for name, column in zip(names, job.translator.visual_columns(images, direction)):
+            utils.save_rgb(strips_dir / f'{name}.png', utils.grid([column]))
 
 
 def _note_non_square(sources: list[Path], img_size: int) -> None:
@@ -184,7 +207,10 @@ def validate(job: Inference) -> None:
     from metrics.training import TranslationMetrics
     cfg = job.cfg
     raw, state = model.load_translator(job.checkpoint, cfg.device, use_ema=False, flags=cfg, explicit=cfg.explicit)
-    translators = {'': raw, '_ema': job.translator} if state['has_ema'] and not cfg.no_ema else {'': raw}
+    if state['has_ema'] and not cfg.no_ema:
+        translators = {'': raw, '_ema': job.translator}
+    else:   # raw weights, or an export of the EMA weights only
+        translators = {'_ema' if state['uses_ema'] else '': raw}
     metrics = TranslationMetrics(data.resolve_dataset_root(cfg.dataset), job.img_size, cfg.inception_weights,
                                  cfg.device, batch_size=cfg.fid_batch, cache_dir=job.run_dir / 'metric_cache',
                                  groups=cfg.groups, num_workers=cfg.num_workers)
@@ -210,11 +236,17 @@ def frame_translator(job: Inference) -> Callable[[np.ndarray], np.ndarray]:
         tensor = torch.from_numpy(x).permute(2, 0, 1).float().div(127.5).sub(1).unsqueeze(0)
         return utils.tensor_to_uint8(job.translate(tensor, cfg.direction)[0])
 
+    def translate_own_size(rgb: np.ndarray) -> np.ndarray:
+        return sizing.translate_image(job.translator, Image.fromarray(rgb), cfg.direction, keep_size=True,
+                                      max_size=cfg.max_size)[0]
+
     if cfg.align_faces:
         from faceseg.align import FaceAligner
         aligner = FaceAligner(device=str(job.translator.device))
         job.aligner = aligner   # its faces_found tells img_dir which photos had no face
         return lambda rgb: aligner.apply(rgb, translate_square, out_size=size, all_faces=True)
+
+    translate = translate_own_size if cfg.keep_size else translate_square
 
     def translate_frame(rgb: np.ndarray) -> np.ndarray:
         h, w = rgb.shape[:2]
@@ -222,11 +254,17 @@ def frame_translator(job: Inference) -> Callable[[np.ndarray], np.ndarray]:
             side = min(h, w)
             top, left = (h - side) // 2, (w - side) // 2
             out = rgb.copy()
-            square = translate_square(rgb[top:top + side, left:left + side])
-            out[top:top + side, left:left + side] = cv2.resize(square, (side, side), interpolation=cv2.INTER_CUBIC)
+            square = translate(rgb[top:top + side, left:left + side])
+            out[top:top + side, left:left + side] = _resized(square, side, side)
             return out
-        return cv2.resize(translate_square(rgb), (w, h), interpolation=cv2.INTER_CUBIC)
+        return _resized(translate(rgb), w, h)
     return translate_frame
+
+
+def _resized(rgb: np.ndarray, width: int, height: int) -> np.ndarray:
+    if rgb.shape[:2] == (height, width):
+        return rgb
+    return cv2.resize(rgb, (width, height), interpolation=cv2.INTER_CUBIC)
 
 
 def _translate_photos(job: Inference, folder: Path, out: Path) -> None:

@@ -147,8 +147,18 @@ def _umask() -> int:
     return mask
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 'cpu') -> dict:
-    """Load a checkpoint safely (``weights_only=True``: tensors and plain containers only)."""
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 'cpu', mmap: bool = False) -> dict:
+    """Load a checkpoint safely (``weights_only=True``: tensors and plain containers only).
+
+    ``mmap``: map the file instead of reading it, so that only the tensors used are paged in (the
+    generators of a 10 GB training checkpoint); old non-zip files are read as usual.
+    """
+    if mmap:
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if 'zip' not in str(exc):
+                raise
     return torch.load(path, map_location=map_location, weights_only=True)
 
 
@@ -162,8 +172,8 @@ def tensor_to_uint8(image: torch.Tensor) -> np.ndarray:
     return array.round().byte().permute(1, 2, 0).numpy()
 
 
-def heatmap_to_uint8(heatmap: torch.Tensor, size: int) -> np.ndarray:
-    """CAM heatmap (1×h×w) → JET-coloured H×W×3 RGB uint8, normalised by its range.
+def heatmap_to_uint8(heatmap: torch.Tensor, size: int | tuple[int, int]) -> np.ndarray:
+    """CAM heatmap (1×h×w) → JET-coloured RGB uint8 of size×size (or (width, height)), normalised by its range.
 
     PT divides by the maximum only, which yields NaN for an all-zero map.
     """
@@ -172,7 +182,7 @@ def heatmap_to_uint8(heatmap: torch.Tensor, size: int) -> np.ndarray:
     peak = h.max()
     h = h / peak if peak > 0 else h
     gray = (h.numpy() * 255).astype(np.uint8)
-    gray = cv2.resize(gray, (size, size))
+    gray = cv2.resize(gray, (size, size) if isinstance(size, int) else tuple(size))
     return cv2.cvtColor(cv2.applyColorMap(gray, cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
 
 
