@@ -18,14 +18,17 @@ def make_domain(folder: Path, n: int, size: int, colour: tuple[int, int, int], s
         Image.fromarray(array).save(folder / f'img{i}.png')
 
 
+def make_dataset(root: Path, counts: tuple[int, int, int, int] = (6, 5, 3, 2)) -> Path:
+    """trainA/trainB/testA/testB with the given image counts: warm A, cool B (40 px)."""
+    colours = {'A': (200, 80, 60), 'B': (60, 90, 200)}
+    for seed, (split, n) in enumerate(zip(('trainA', 'trainB', 'testA', 'testB'), counts)):
+        make_domain(root / split, n, 40, colours[split[-1]], seed)
+    return root
+
+
 @pytest.fixture
 def tiny_dataset(tmp_path: Path) -> Path:
-    root = tmp_path / 'tiny'
-    make_domain(root / 'trainA', 6, 40, (200, 80, 60), 0)
-    make_domain(root / 'trainB', 5, 40, (60, 90, 200), 1)
-    make_domain(root / 'testA', 3, 40, (200, 80, 60), 2)
-    make_domain(root / 'testB', 2, 40, (60, 90, 200), 3)
-    return root
+    return make_dataset(tmp_path / 'tiny')
 
 
 def tiny_flags(dataset: Path, result_dir: Path, *extra: str) -> list[str]:

@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import make_domain, tiny_flags
+from conftest import make_dataset, make_domain, tiny_flags
 
 import main
 import model
@@ -23,10 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 def trained(tmp_path_factory) -> tuple[Path, Path]:
     """(dataset, checkpoint) of a 2-step tiny run with non-default architecture flags."""
     tmp = tmp_path_factory.mktemp('trained')
-    root = tmp / 'tiny'
-    for split, n, colour, seed in (('trainA', 4, (200, 80, 60), 0), ('trainB', 4, (60, 90, 200), 1),
-                                   ('testA', 2, (200, 80, 60), 2), ('testB', 2, (60, 90, 200), 3)):
-        make_domain(root / split, n, 40, colour, seed)
+    root = make_dataset(tmp / 'tiny', (4, 4, 2, 2))
     flags = tiny_flags(root, tmp / 'out', '--iteration', '2', '--save_freq', '2', '--ch', '6', '--use_se', 'True')
     assert main.main(flags) == 0
     return root, tmp / 'out' / 'tiny' / 'model' / 'tiny_params_0000002.pt'

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import make_domain, random_batches, tiny_flags, tiny_trainer
+from conftest import make_dataset, random_batches, tiny_flags, tiny_trainer
 
 import main
 import utils
@@ -116,12 +116,7 @@ def test_kernel_l2_gradient_is_weight_times_kernel():
 
 @pytest.fixture
 def paired_dataset(tmp_path):
-    root = tmp_path / 'paired'
-    make_domain(root / 'trainA', 4, 40, (200, 80, 60), 0)
-    make_domain(root / 'trainB', 4, 40, (60, 90, 200), 1)
-    make_domain(root / 'testA', 1, 40, (200, 80, 60), 2)
-    make_domain(root / 'testB', 1, 40, (60, 90, 200), 3)
-    return root
+    return make_dataset(tmp_path / 'paired', (4, 4, 1, 1))
 
 
 def test_pair_loss_matches_hand_computation(paired_dataset, tmp_path):
