@@ -10,8 +10,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 import utils
 
 
@@ -86,7 +84,7 @@ class RunFiles:
             self.latest_path.rename(archive / self.latest_path.name)
         return archive
 
-    def newest(self, device: torch.device | str = 'cpu', accept=lambda state: True) -> Loaded | None:
+    def newest(self, accept=lambda state: True) -> Loaded | None:
         """The newest loadable checkpoint that ``accept`` takes (a corrupt one is skipped with a
         warning; ``accept`` keeps PT's shared ``_params_latest.pt`` of another run out)."""
         best: Loaded | None = None
@@ -94,7 +92,7 @@ class RunFiles:
             if best is not None and path != self.latest_path and step_of(path) <= best.step:
                 break
             try:
-                state = utils.load_checkpoint(path, device)
+                state = utils.load_checkpoint(path)
             except Exception as exc:  # noqa: BLE001 - any unreadable file is skipped, not fatal
                 warn(f'skipping unreadable checkpoint {path} ({type(exc).__name__})')
                 continue
@@ -151,7 +149,8 @@ def restore_training_state(trainer, state: dict, *, weights_only: bool = False) 
             notes.append('discriminator optimizer moments start fresh (new group head)')
         else:
             trainer.D_optim.load_state_dict(state['D_optim'])
-        trainer.scaler.load_state_dict(state.get('scaler', {}))
+        if state.get('scaler'):   # an --amp off/bf16 run stores an empty (disabled) scaler: fp16 starts fresh
+            trainer.scaler.load_state_dict(state['scaler'])
         utils.set_rng_state(state['rng'])
     else:
         notes.append('checkpoint without optimizer state (PT format or converted): optimizer moments start fresh')
@@ -199,9 +198,9 @@ def resume(trainer) -> Path | None:
     def ours(state: dict) -> bool:
         return belongs_to_run(state, trainer.dataset_root, trainer.arch)
 
-    found = trainer.files.newest(trainer.device, accept=ours)
+    found = trainer.files.newest(accept=ours)
     if found is None:
-        other = trainer.files.newest(trainer.device)
+        other = trainer.files.newest()
         if other is not None:   # only another run's files: say why they are not used
             check_architecture(other.state, trainer.arch, other.path)
             stored = other.state.get('config', {}).get('dataset_root')

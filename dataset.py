@@ -355,7 +355,7 @@ class StepBatchSampler(Sampler[list[SampleSpec]]):
         sample_seed = derive_seed(self.seed, 'sample', pos)
         group, group_pos = None, pos
         if self.groups is not None and self.group_sampling == 'round_robin':
-            group = self.groups[step % len(self.groups)]
+            group = round_robin_group(self.groups, step)
             group_pos = self._position(step // len(self.groups), j)
         elif self.groups is not None:
             group = self.groups[_randint(_generator(sample_seed, 'group'), len(self.groups))]
@@ -422,6 +422,11 @@ class _PairDataset(Dataset):
         else:
             arr_a = match_histograms(arr_a, arr_b, self.match.mode, self.match.ratio)
         return Image.fromarray(arr_a), Image.fromarray(arr_b)
+
+
+def round_robin_group(groups: list[int], step: int) -> int:
+    """The group every sample of ``step`` comes from under --group_sampling round_robin."""
+    return groups[step % len(groups)]
 
 
 class TrainStream:

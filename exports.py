@@ -73,8 +73,8 @@ def write_export(generators: Mapping[str, nn.Module], arch: Mapping, out: str | 
     return [config_path, *paths]
 
 
-def read_export(folder: str | Path, device: torch.device | str = 'cpu') -> dict:
-    """An export as a checkpoint-shaped dict: genA2B, genB2A (float32 state dicts) and its config.
+def read_export(folder: str | Path) -> dict:
+    """An export as a checkpoint-shaped dict on the CPU: genA2B, genB2A (float32 state dicts) and its config.
 
     Inference then loads it like a generator-only training checkpoint; a clear UserError when a
     file is missing or unreadable.
@@ -95,7 +95,7 @@ def read_export(folder: str | Path, device: torch.device | str = 'cpu') -> dict:
     for direction, key in GENERATOR_KEYS.items():
         path = folder / f'{direction}.safetensors'
         try:
-            weights = load_file(str(path), device=str(device))
+            weights = load_file(str(path), device='cpu')
         except (OSError, SafetensorError) as exc:
             raise utils.UserError(f'{path}: cannot read the exported weights ({exc})') from None
         state[key] = {name: t.float() if t.is_floating_point() else t for name, t in weights.items()}

@@ -166,9 +166,16 @@ class GradientPenalty:
         alpha = torch.rand(len(real), 1, 1, 1, generator=generator, device=real.device)
         return (real + alpha * (fake - real)).requires_grad_(True)
 
-    def __call__(self, output: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
-        """The penalty of one D output computed on ``points`` (differentiable: create_graph)."""
-        grad, = torch.autograd.grad(output.float().sum(), points, create_graph=True)
+    def __call__(self, output: torch.Tensor, points: torch.Tensor, scale: torch.Tensor | float = 1.0
+                 ) -> torch.Tensor:
+        """The penalty of one D output computed on ``points`` (differentiable: create_graph).
+
+        ``scale``: the GradScaler's current scale under fp16 autocast. AMP's gradient-penalty recipe:
+        the output is scaled before ``autograd.grad`` so fp16 gradients do not underflow, and the
+        gradient unscaled after (an overflow gives inf, which the scaler then skips as a bad step).
+        """
+        grad, = torch.autograd.grad(output.float().sum() * scale, points, create_graph=True)
+        grad = grad / scale
         excess = grad.flatten(1).norm(dim=1) - 1
         if self.one_sided:
             excess = excess.clamp(min=0)
@@ -240,18 +247,20 @@ class GANLoss:
         return self._sum(self.objective.g_fake, outputs, mask)
 
     def gradient_penalty(self, critics: Sequence, real: torch.Tensor, fake: torch.Tensor,
-                         generator: torch.Generator | None = None) -> torch.Tensor:
+                         generator: torch.Generator | None = None, scale: torch.Tensor | float = 1.0
+                         ) -> torch.Tensor:
         """The penalty summed over every critic (``critics``: callables image -> DiscriminatorOutput)
-        on the patch logit and, weighted by ``cam_weight``, the CAM logit; zero without a penalty."""
+        on the patch logit and, weighted by ``cam_weight``, the CAM logit; zero without a penalty.
+        ``scale``: the fp16 GradScaler's scale (see ``GradientPenalty.__call__``)."""
         if self.penalty is None:
             return real.new_zeros((), dtype=torch.float32)
         points = self.penalty.points(real, fake, generator)
         total = 0.0
         for critic in critics:
             out = critic(points)
-            total = total + self.penalty(out.logit, points)
+            total = total + self.penalty(out.logit, points, scale)
             if self.cam_weight > 0:
-                total = total + self.cam_weight * self.penalty(out.cam_logit, points)
+                total = total + self.cam_weight * self.penalty(out.cam_logit, points, scale)
         return total
 
 

@@ -176,12 +176,12 @@ class Translator:
         return columns
 
 
-def read_checkpoint(path: str | Path, device: torch.device | str = 'cpu') -> dict:
-    """A checkpoint file's contents (or an export folder's, shaped like one), or a one-line
-    UserError saying why it cannot be read."""
+def read_checkpoint(path: str | Path) -> dict:
+    """A checkpoint file's contents (or an export folder's, shaped like one) on the CPU, or a
+    one-line UserError saying why it cannot be read."""
     path = Path(path)
     if exports.is_export(path):
-        return exports.read_export(path, device)
+        return exports.read_export(path)
     if path.is_dir():
         raise utils.UserError(f'{path} is a folder without {exports.CONFIG_NAME}: pass a checkpoint file or a '
                               f'folder written by scripts/export.py')
@@ -189,7 +189,7 @@ def read_checkpoint(path: str | Path, device: torch.device | str = 'cpu') -> dic
         raise utils.UserError(f'checkpoint {path} not found')
     try:
         # Mapped, not read: inference needs only the generators of the (up to 10 GB) training state.
-        state = utils.load_checkpoint(path, device, mmap=torch.device(device).type == 'cpu')
+        state = utils.load_checkpoint(path, mmap=True)
     except Exception as exc:  # noqa: BLE001 - any failure is reported on one line
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise utils.UserError(f'cannot load checkpoint {path}: {reason[:200]}') from None
@@ -234,7 +234,7 @@ def load_translator(path: str | Path, device: torch.device | str = 'cpu', use_em
     """Build the generators a checkpoint (or an export folder) describes and load its weights (EMA
     copies when present and ``use_ema``). Returns the translator and the checkpoint's contents
     (step, config, ...; ``uses_ema`` says whether the generators are EMA copies)."""
-    state = read_checkpoint(path, device)
+    state = read_checkpoint(path)   # CPU: only the two generators go to the device
     flag_dict = None if flags is None else (dict(flags) if isinstance(flags, Mapping) else vars(flags))
     arch = resolve_arch(state, flag_dict, explicit)
     generators = {}

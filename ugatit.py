@@ -6,6 +6,14 @@ a small record, networks live in ``nn.ModuleDict``s, and losses are logged as ``
 Optional features (EMA, ADA, face segmentation, extra loss terms, metrics) are objects that are
 ``None`` or absent when off, so the step itself has no per-feature branches.
 
+Device rule (CUDA is where every user trains): everything read from disk lands on the CPU
+(memory-mapped where possible) and only what a phase needs is copied to the device
+(``load_state_dict`` copies; RNG states are restored as the CPU tensors ``torch.set_rng_state`` and
+``torch.cuda.set_rng_state_all`` take, recorded per device); nothing in the step builds device
+tensors from Python data or reads a device value back (``.item()``, ``float()``, ``int()``): losses
+stay tensors until the logging step's single copy. Under fp16 one ``GradScaler.update()`` follows
+each iteration's optimizer steps, and the gradient penalty differentiates the scaled output.
+
 Building the networks from a config and inference live in ``model.py``, a run's files in
 ``checkpoints.py``, TensorBoard/PNG output in ``monitor.py`` and FID/KID in ``metrics/``.
 """
@@ -244,6 +252,7 @@ class UGATIT:
         self.d_step(batch, fakes, masks, logs)
         if generator_step:
             self.g_step(batch, translations, masks, logs, step)
+        self.scaler.update()   # once per iteration, after every optimizer step (AMP's multi-optimizer recipe)
         self.after_step(step, generator_step)
         return logs
 
@@ -338,19 +347,20 @@ class UGATIT:
         total = total + self._regularisation('G', logs)
         logs['G/total'] = total.detach()
         self.scaler.scale(total).backward()
-        if self.frozen_on_other_groups and not self._is_base_group_step(batch):
+        if self.frozen_on_other_groups and not self._is_base_group_step(step):
             for p in self.frozen_on_other_groups:
                 p.grad = None   # Adam skips params without grad: no moment or weight-decay update
         self.scaler.step(self.G_optim)
-        self.scaler.update()
 
     def _gradient_penalty(self, domain: str, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
         """--gan_type wgan-gp/wgan-lp/dragan: the penalty of both critics of ``domain``. The raw
         networks run without a power iteration (once per step is the D step's), ADA or masks
         (validation rules the D masks out; ADA's warps have no double backward)."""
         critics = [self.D[domain][scale].train(False) for scale in ('G', 'L')]
+        # The scaler's scale as a device tensor (1 when it is off): no host sync.
+        scale = self.scaler.scale(torch.ones((), device=real.device))
         with self.autocast():
-            return self.gan_loss.gradient_penalty(critics, real, fake, self.step_rngs['penalty'])
+            return self.gan_loss.gradient_penalty(critics, real, fake, self.step_rngs['penalty'], scale)
 
     def _regularisation(self, network: str, logs: dict) -> torch.Tensor | float:
         """The active L2 loss terms of 'G' or 'D' (TF's, under --arch tf), logged as '<network>/l2'."""
@@ -361,9 +371,10 @@ class UGATIT:
             total = total + value
         return total
 
-    def _is_base_group_step(self, batch) -> bool:
-        # Selective backprop needs whole-batch groups; validation enforces round-robin sampling.
-        return int(batch['group_A'][0]) == self.cfg.base_group
+    def _is_base_group_step(self, step: int) -> bool:
+        # Selective backprop needs whole-batch groups; validation enforces round-robin sampling, whose
+        # group is a function of the step (read from the batch, it would cost a host sync per step).
+        return data.round_robin_group(self.cfg.groups, step) == self.cfg.base_group
 
     @torch.no_grad()
     def after_step(self, step: int, generator_updated: bool = True) -> None:

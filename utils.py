@@ -147,19 +147,24 @@ def _umask() -> int:
     return mask
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 'cpu', mmap: bool = False) -> dict:
-    """Load a checkpoint safely (``weights_only=True``: tensors and plain containers only).
+def load_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict:
+    """Load a checkpoint safely (``weights_only=True``: tensors and plain containers only), on the CPU.
 
-    ``mmap``: map the file instead of reading it, so that only the tensors used are paged in (the
-    generators of a 10 GB training checkpoint); old non-zip files are read as usual.
+    Everything read from disk lands on the CPU; callers copy into modules on the device only what
+    their phase needs (``load_state_dict`` copies), and RNG states stay the CPU tensors that
+    ``torch.set_rng_state`` requires. ``mmap``: map the file instead of reading it, so only the
+    tensors used are paged in (inference needs the generators of a 10 GB training state). Only for
+    states that are dropped after loading: a mapped tensor kept alive (a resumed optimizer's moments
+    on the CPU) would crash the process (SIGBUS) if the file were later rewritten in place. Old
+    non-zip files are read as usual.
     """
     if mmap:
         try:
-            return torch.load(path, map_location=map_location, weights_only=True, mmap=True)
+            return torch.load(path, map_location='cpu', weights_only=True, mmap=True)
         except RuntimeError as exc:
             if 'zip' not in str(exc):
                 raise
-    return torch.load(path, map_location=map_location, weights_only=True)
+    return torch.load(path, map_location='cpu', weights_only=True)
 
 
 # ----------------------------------------------------------------------------------------------

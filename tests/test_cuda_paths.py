@@ -1,0 +1,152 @@
+"""CUDA-only behaviour made visible on the CPU (issue 16, findings 1-3, 6-8).
+
+- The training device is played by ``meta``: anything a loader maps onto it is visibly not on the
+  CPU, which is what ``torch.set_rng_state`` and numpy need (a CUDA-trained resume crashed there).
+- fp16's GradScaler is an enabled ``torch.amp.GradScaler('cpu')``: it keeps the same bookkeeping
+  (one ``update()`` per ``step()`` round) that crashed ``--amp fp16 --n_critic 2`` at step 3.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import random_batches, tiny_flags, tiny_trainer
+
+import checkpoints
+import dataset as data
+import main
+import model
+import utils
+
+
+def _record_map_locations(monkeypatch) -> list:
+    """Patch torch.load so every call's ``map_location`` is recorded."""
+    seen = []
+    real_load = torch.load
+
+    def load(*args, **kwargs):
+        seen.append(kwargs.get('map_location'))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, 'load', load)
+    return seen
+
+
+def _trained_checkpoint(tiny_dataset, tmp_path, *extra: str):
+    out = tmp_path / 'out'
+    assert main.main(tiny_flags(tiny_dataset, out, '--iteration', '2', '--save_freq', '2', *extra)) == 0
+    return out / 'tiny' / 'model' / 'tiny_params_0000002.pt'
+
+
+def test_resume_reads_the_checkpoint_onto_the_cpu_whatever_the_training_device(tiny_dataset, tmp_path, monkeypatch):
+    """Finding 1: RNG states must stay CPU tensors; before the fix they were mapped to the device."""
+    _trained_checkpoint(tiny_dataset, tmp_path)
+    trainer = tiny_trainer(tiny_dataset, tmp_path, '--resume', 'True', '--iteration', '4')
+    trainer.device = torch.device('meta')   # stands for cuda: a tensor mapped onto it is not on the CPU
+    seen = _record_map_locations(monkeypatch)
+    torch.manual_seed(999)
+    path = checkpoints.resume(trainer)
+    assert path is not None and trainer.step == 2
+    assert seen and all(str(loc) == 'cpu' for loc in seen), seen
+    saved = utils.load_checkpoint(path)['rng']['torch']
+    assert torch.equal(torch.get_rng_state(), saved)   # restored, not left at the seed above
+
+
+def test_inference_loads_only_the_generators_onto_the_device(tiny_dataset, tmp_path, monkeypatch):
+    """Finding 6: the whole training state (D, optimizers) stays on the CPU, mapped; only the two
+    generators move to the device."""
+    checkpoint = _trained_checkpoint(tiny_dataset, tmp_path)
+    seen = _record_map_locations(monkeypatch)
+    translator, state = model.load_translator(checkpoint, 'meta')
+    assert seen and all(str(loc) == 'cpu' for loc in seen), seen
+    assert all(p.device.type == 'meta' for net in translator.generators.values() for p in net.parameters())
+    assert all(t.device.type == 'cpu' for t in state['disGA'].values())
+    assert state['G_optim']['state'][0]['exp_avg'].device.type == 'cpu'
+
+
+def _enable_fp16_scaler(trainer) -> None:
+    """What --amp fp16 builds on CUDA, on the CPU: a GradScaler that really scales and counts."""
+    trainer.scaler = torch.amp.GradScaler('cpu', init_scale=2.0 ** 10)
+
+
+@pytest.mark.parametrize('n_critic', ['1', '2', '3'])
+def test_fp16_scaler_updates_once_per_iteration_with_n_critic(tiny_dataset, tmp_path, n_critic):
+    """Finding 2: scaler.step(D) ran every step but update() only on G steps: crash at step 3."""
+    trainer = tiny_trainer(tiny_dataset, tmp_path, '--n_critic', n_critic)
+    _enable_fp16_scaler(trainer)
+    for step, batch in enumerate(random_batches(5), start=1):
+        logs = trainer.train_step(batch, step)
+        assert torch.isfinite(logs['D/total'])
+    assert trainer.scaler.get_scale() == 2.0 ** 10   # finite gradients: no back-off within 2000 steps
+
+
+def test_fp16_resume_from_a_run_without_a_scaler(tiny_dataset, tmp_path):
+    """Finding 3: an --amp off/bf16 checkpoint stores an empty scaler state; an enabled scaler
+    refused it ('The source state dict is empty')."""
+    checkpoint = _trained_checkpoint(tiny_dataset, tmp_path)
+    assert utils.load_checkpoint(checkpoint)['scaler'] == {}
+    trainer = tiny_trainer(tiny_dataset, tmp_path, '--resume', 'True', '--iteration', '4')
+    _enable_fp16_scaler(trainer)
+    assert checkpoints.resume(trainer) == checkpoint
+    assert trainer.scaler.get_scale() == 2.0 ** 10   # starts fresh
+    trainer.train_step(random_batches(1)[0], 3)
+
+
+def test_fp16_scaler_state_survives_resume(tiny_dataset, tmp_path):
+    trainer = tiny_trainer(tiny_dataset, tmp_path)
+    _enable_fp16_scaler(trainer)
+    trainer.scaler.scale(torch.ones(()))
+    trainer.scaler.update(new_scale=123.0)
+    restored = tiny_trainer(tiny_dataset, tmp_path)
+    _enable_fp16_scaler(restored)
+    checkpoints.restore_training_state(restored, trainer.state_dict())
+    assert restored.scaler.get_scale() == 123.0
+
+
+@pytest.mark.parametrize('gan_type', ['wgan-gp', 'dragan'])
+def test_gradient_penalty_differentiates_the_scaled_output(tiny_dataset, tmp_path, monkeypatch, gan_type):
+    """Finding 7: AMP's gradient-penalty recipe. The output handed to autograd.grad is the scaled
+    one (fp16 gradients would underflow otherwise), and the penalty is unchanged by the scale."""
+    trainer = tiny_trainer(tiny_dataset, tmp_path, '--gan_type', gan_type)
+    batch = trainer._prepare(random_batches(1)[0])
+    fake = batch['A'].flip(-1)
+
+    def penalty(scale: float | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        if scale is not None:
+            trainer.scaler = torch.amp.GradScaler('cpu', init_scale=scale)
+        outputs = []
+        real_grad = torch.autograd.grad
+
+        def grad(out, *args, **kwargs):
+            outputs.append(out.detach())
+            return real_grad(out, *args, **kwargs)
+
+        monkeypatch.setattr(torch.autograd, 'grad', grad)
+        trainer.step_rngs['penalty'].manual_seed(0)
+        value = trainer._gradient_penalty('B', batch['B'], fake)
+        monkeypatch.setattr(torch.autograd, 'grad', real_grad)
+        return value.detach(), outputs
+
+    plain, plain_outputs = penalty(None)
+    scaled, scaled_outputs = penalty(2.0 ** 12)
+    for raw, big in zip(plain_outputs, scaled_outputs, strict=True):
+        torch.testing.assert_close(big, raw * 2.0 ** 12)
+    torch.testing.assert_close(scaled, plain, rtol=1e-6, atol=1e-6)
+
+
+def test_selective_backprop_group_comes_from_the_step_not_the_batch(tiny_dataset, tmp_path):
+    """Finding 8: the base-group test read the device batch (a host sync per step); the step's
+    round-robin group is the one every sample of that step's batch comes from."""
+    for group in ('0', '1'):
+        for domain in 'AB':
+            sub = tiny_dataset / f'train{domain}' / group
+            sub.mkdir()
+            for image in sorted((tiny_dataset / f'train{domain}').glob('*.png'))[:2]:
+                image.rename(sub / image.name)
+    for image in list((tiny_dataset / 'trainA').glob('*.png')) + list((tiny_dataset / 'trainB').glob('*.png')):
+        image.unlink()
+    groups = [0, 1]
+    stream = data.build_train_stream(tiny_dataset, 32, 2, seed=3, start_step=5, num_workers=0, groups=groups)
+    for step in range(5, 11):
+        batch = next(stream)
+        assert batch['group_A'].tolist() == [data.round_robin_group(groups, step)] * 2
+        assert batch['group_B'].tolist() == [data.round_robin_group(groups, step)] * 2
