@@ -5,6 +5,8 @@ checkpoint of a run) need it, and neither should carry the other's code.
 """
 from __future__ import annotations
 
+import fcntl
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -84,6 +86,34 @@ class RunFiles:
             self.latest_path.rename(archive / self.latest_path.name)
         return archive
 
+    def prune(self, keep: int) -> list[Path]:
+        """Delete the oldest periodic checkpoints beyond the newest ``keep`` (--keep_checkpoints; 0
+        keeps all). The best-FID and PT's latest file are not periodic and never touched."""
+        if keep <= 0:
+            return []
+        doomed = self.periodic()[keep:]
+        for path in doomed:
+            path.unlink(missing_ok=True)
+        return doomed
+
+    def remove_leftovers(self) -> list[Path]:
+        """Temporary files of a writer that died mid-save (kill -9): only atomic_save's own pattern,
+        only for this run's checkpoint names. Call it holding the run lock: no live writer then."""
+        patterns = [(self.model_dir, utils.temp_pattern(self.model_dir / f'{self.name}_params_*.pt')),
+                    (self.result_dir, utils.temp_pattern(self.latest_path))]
+        found = [path for folder, pattern in patterns if folder.is_dir() for path in folder.glob(pattern)]
+        for path in found:
+            path.unlink(missing_ok=True)
+        return found
+
+    @property
+    def lock_path(self) -> Path:
+        return self.run_dir / '.lock'
+
+    def lock(self) -> RunLock:
+        """Hold the run folder for this process (see RunLock)."""
+        return RunLock(self.lock_path)
+
     def newest(self, accept=lambda state: True) -> Loaded | None:
         """The newest loadable checkpoint that ``accept`` takes (a corrupt one is skipped with a
         warning; ``accept`` keeps PT's shared ``_params_latest.pt`` of another run out)."""
@@ -93,6 +123,9 @@ class RunFiles:
                 break
             try:
                 state = utils.load_checkpoint(path)
+            except utils.UnsafeCheckpoint as exc:
+                warn(f'skipping {exc}')
+                continue
             except Exception as exc:  # noqa: BLE001 - any unreadable file is skipped, not fatal
                 warn(f'skipping unreadable checkpoint {path} ({type(exc).__name__})')
                 continue
@@ -102,6 +135,45 @@ class RunFiles:
             if best is None or step > best.step:
                 best = Loaded(path, step, state)
         return best
+
+
+class RunLock:
+    """One training process per run folder: an exclusive ``flock`` on ``<run>/.lock`` held for the
+    run's lifetime. The OS releases it when the process dies, so a kill -9 leaves no stale lock; a
+    second process (fresh or --resume) gets a one-line error naming the holder's PID."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file = None
+
+    def acquire(self) -> RunLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path, 'a+')   # noqa: SIM115 - held open for the run's lifetime
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or 'unknown'
+            handle.close()
+            raise utils.UserError(f'{self.path.parent} is in use by another training process (PID {holder}); wait '
+                                  f'for it to end or stop it, or use another --result_dir') from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f'{os.getpid()}\n')
+        handle.flush()
+        self._file = handle
+        return self
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()   # closing drops the flock
+            self._file = None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 def warn(message: str) -> None:

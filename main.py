@@ -207,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     logs.add_argument('--save_freq', type=int, default=100000, help='periodic checkpoint every N steps')
     logs.add_argument('--latest_freq', type=int, default=1000,
                       help="PT's <dataset>_params_latest.pt every N steps (0: never)")
+    logs.add_argument('--keep_checkpoints', type=int, default=0,
+                      help='keep only the newest N periodic checkpoints (0: all, as PT); the best-FID one is kept')
 
     ev = parser.add_argument_group('evaluation')
     ev.add_argument('--metric_freq', '--calc_fid_freq', type=int, default=0, dest='metric_freq',
@@ -303,6 +305,8 @@ def validate(cfg: argparse.Namespace) -> None:
     for name in ('iteration', 'batch_size', 'img_size', 'ch', 'n_res', 'print_freq', 'log_freq', 'save_freq'):
         if getattr(cfg, name) < 1:
             fail(f'--{name} must be >= 1, got {getattr(cfg, name)}')
+    if cfg.keep_checkpoints < 0:
+        fail(f'--keep_checkpoints must be >= 0 (0 keeps all), got {cfg.keep_checkpoints}')
     for flag in ('sn', 'cam_D_attention'):
         if getattr(cfg, flag) is BARE:
             fail(f'--{flag} needs a value, --{flag} True or --{flag} False (in enhanced-U-GAT-IT a bare --{flag} '
@@ -525,6 +529,9 @@ def main(argv: list[str] | None = None) -> int:
     except _weights_errors() as exc:
         print(f'error: {exc}', file=sys.stderr)
         return 2
+    except utils.Stopped as stop:   # a signal: checkpoint saved, the status says why (see utils)
+        print(stop, file=sys.stderr)
+        return stop.exit_code
     except KeyboardInterrupt:
         print('interrupted', file=sys.stderr)
         return 130

@@ -190,6 +190,8 @@ def read_checkpoint(path: str | Path) -> dict:
     try:
         # Mapped, not read: inference needs only the generators of the (up to 10 GB) training state.
         state = utils.load_checkpoint(path, mmap=True)
+    except utils.UserError:
+        raise
     except Exception as exc:  # noqa: BLE001 - any failure is reported on one line
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise utils.UserError(f'cannot load checkpoint {path}: {reason[:200]}') from None

@@ -442,14 +442,23 @@ class UGATIT:
     def train(self) -> None:
         """Train from scratch or resume; periodic logs, previews, metrics and checkpoints.
 
-        Everything the run will need (metric network, preview images) is loaded before the first
-        step, and an error after it first writes a checkpoint (a NaN stop keeps the last good one).
+        The run folder is locked for the run's lifetime (one training process per folder).
+        Everything the run will need (metric network, preview images, disk space for a checkpoint) is
+        checked before the first step, and an error after it first writes a checkpoint (a NaN stop
+        keeps the last good one; a full disk is not written to again).
         """
+        with self.files.lock() if self.dist.is_main else contextlib.nullcontext():
+            self._train()
+
+    def _train(self) -> None:
         cfg = self.cfg
+        for path in self.files.remove_leftovers() if self.dist.is_main else []:
+            self.log(f'removed {path}, a partial checkpoint of a process that died while writing it')
         start = checkpoints.start_step(self)
         if start > cfg.iteration:
             self.log(f'already trained for {cfg.iteration} iterations; nothing to do')
             return
+        self._check_disk_space()
         evaluation = self._build_evaluation()
         monitor = self._build_monitor()
         if self.dist.is_main:
@@ -460,20 +469,40 @@ class UGATIT:
         stop = utils.GracefulStop()
         try:
             self._loop(start, stream, monitor, evaluation, stop)
-        except (TrainingDiverged, KeyboardInterrupt):
+        except (TrainingDiverged, KeyboardInterrupt, utils.Stopped, utils.DiskFull):
             raise
-        except Exception as exc:
+        except Exception:
             if self.step >= start:
-                self.save(self.files.checkpoint_path(self.step))
-                self.log(f'error at step {self.step + 1}; saved {self.last_saved}: fix the cause and resume with '
-                         f'--resume True')
-            raise exc
+                self._save_after_error()
+            raise
         finally:
             stop.restore()
             if monitor is not None:
                 monitor.close()
         if self.last_saved is not None:
             self.log(f'final checkpoint: {self.last_saved}')
+
+    def _save_after_error(self) -> None:
+        try:
+            self.save(self.files.checkpoint_path(self.step))
+        except utils.DiskFull as full:
+            self.log(f'could not save after the error: {full}')
+            return
+        self.log(f'error at step {self.step + 1}; saved {self.last_saved}: fix the cause and resume with '
+                 f'--resume True')
+
+    def _check_disk_space(self) -> None:
+        """Refuse to start when not even one checkpoint fits on the disk; warn when two do not."""
+        if not self.dist.is_main:
+            return
+        needed = utils.state_nbytes(self.state_dict())
+        free = utils.free_bytes(self.files.model_dir)
+        where = f'{self.files.model_dir}: {free / 1e9:.2f} GB free, a checkpoint needs {needed / 1e9:.2f} GB'
+        if free < needed:
+            raise utils.DiskFull(f'no room for a single checkpoint in {where}; free some space or use another '
+                                 f'--result_dir')
+        if free < 2 * needed:
+            self.log(f'warning: room for only one more checkpoint in {where}')
 
     def _build_monitor(self):
         if not self.dist.is_main:
@@ -508,8 +537,8 @@ class UGATIT:
             if stop.requested:
                 self._flush(meter, monitor, bar, step)
                 self.save(self.files.checkpoint_path(step))
-                self.log(f'stopped by signal at step {step}; checkpoint saved, resume with --resume True')
-                break
+                raise utils.Stopped(f'stopped by signal at step {step}; {stop.name}: saved {self.last_saved}, resume '
+                                    f'with --resume True', utils.stop_exit_code(stop.signum))
 
     def _train_stream(self, start: int) -> data.TrainStream:
         return data.train_stream(self.cfg, self.dataset_root, start, self.dist, pin_memory=self.device.type == 'cuda')
@@ -537,6 +566,9 @@ class UGATIT:
         self._flush(meter, monitor, bar, step)   # never write weights after a NaN
         for path in reversed(targets):   # the periodic checkpoint last: it is the one named at the end
             self.save(path)
+        if self.dist.is_main:
+            for path in self.files.prune(cfg.keep_checkpoints):
+                self.log(f'deleted {path.name} (--keep_checkpoints {cfg.keep_checkpoints})')
 
 def uses_kernel_l2(cfg) -> bool:
     """--arch tf regularises as TF does: an L2 loss term on kernels instead of Adam's weight decay."""

@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
 import os
+import pickle
 import random
+import shutil
 import signal
 import tempfile
 from pathlib import Path
@@ -121,14 +124,31 @@ def autocast(amp: str, device_type: str) -> contextlib.AbstractContextManager:
 # Checkpoints
 
 
+class DiskFull(UserError):
+    """A checkpoint did not fit on its disk; the partial file is gone, the older ones are intact."""
+
+
+class UnsafeCheckpoint(UserError):
+    """A checkpoint holding pickled Python objects, which ``weights_only`` loading refuses."""
+
+
+TEMP_SUFFIX = '.tmp'
+
+
+def temp_pattern(path: Path) -> str:
+    """The glob of :func:`atomic_save`'s temporary files for ``path`` (left behind by a kill -9)."""
+    return f'.{path.name}.*{TEMP_SUFFIX}'
+
+
 def atomic_save(obj: object, path: str | os.PathLike) -> None:
     """torch.save to a temporary file in the same folder, fsync, then rename over ``path``.
 
-    A crash at any moment leaves either the old file or the complete new one, never a torn file.
+    A crash at any moment leaves either the old file or the complete new one, never a torn file; a
+    full disk removes the partial file and raises :class:`DiskFull` naming the space needed.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix=TEMP_SUFFIX, dir=path.parent)
     try:
         os.chmod(tmp, 0o666 & ~_umask())   # mkstemp makes 0600; other outputs follow the umask
         with os.fdopen(fd, 'wb') as f:
@@ -136,9 +156,47 @@ def atomic_save(obj: object, path: str | os.PathLike) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if _is_disk_full(exc):
+            raise DiskFull(f'no space left for {path.name} in {path.parent}: {_gb(free_bytes(path.parent))} free, '
+                           f'a checkpoint needs {_gb(state_nbytes(obj))}; free some space (older checkpoints, '
+                           f'--keep_checkpoints N) and resume with --resume True') from None
         raise
+
+
+def _is_disk_full(exc: BaseException | None) -> bool:
+    """ENOSPC/EDQUOT anywhere in the chain: torch's zip writer turns it into a RuntimeError."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def free_bytes(folder: str | os.PathLike) -> int:
+    """Free space on the disk of ``folder`` (or of its nearest existing parent)."""
+    folder = Path(folder).absolute()
+    while not folder.exists():
+        folder = folder.parent
+    return shutil.disk_usage(folder).free
+
+
+def state_nbytes(obj: object) -> int:
+    """The bytes of the tensors in a (nested) state dict: about the size of its checkpoint file."""
+    if isinstance(obj, torch.Tensor):
+        return obj.nelement() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(state_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(state_nbytes(v) for v in obj)
+    return 0
+
+
+def _gb(n: int) -> str:
+    return f'{n / 1e9:.2f} GB' if n >= 1e8 else f'{n / 1e6:.1f} MB'
 
 
 def _umask() -> int:
@@ -158,13 +216,17 @@ def load_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict:
     on the CPU) would crash the process (SIGBUS) if the file were later rewritten in place. Old
     non-zip files are read as usual.
     """
-    if mmap:
-        try:
-            return torch.load(path, map_location='cpu', weights_only=True, mmap=True)
-        except RuntimeError as exc:
-            if 'zip' not in str(exc):
-                raise
-    return torch.load(path, map_location='cpu', weights_only=True)
+    try:
+        if mmap:
+            try:
+                return torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+            except RuntimeError as exc:
+                if 'zip' not in str(exc):
+                    raise
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError:
+        raise UnsafeCheckpoint(f'{path} is not a plain tensor checkpoint: it holds pickled Python objects, and it is '
+                               f'not unpickled because unpickling can run arbitrary code') from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -273,39 +335,112 @@ class DistributedContext:
             dist.barrier()
 
 
+class Stopped(Exception):
+    """The run stopped on a signal after saving a checkpoint; ``exit_code`` tells a job script why."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+# SIGUSR1 is what SLURM's --signal sends before a time limit: exit status 3 means "requeue me and
+# resume". SIGINT/SIGTERM exit as a process killed by them would (128 + signal number).
+REQUEUE_EXIT_CODE = 3
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+
+
+def stop_exit_code(signum: int) -> int:
+    return REQUEUE_EXIT_CODE if signum == signal.SIGUSR1 else 128 + signum
+
+
 class GracefulStop:
-    """Turns SIGINT/SIGTERM into a flag so the loop can save a checkpoint before exiting."""
+    """Turns SIGINT/SIGTERM/SIGUSR1 into a flag so the loop can save a checkpoint before exiting."""
 
     def __init__(self) -> None:
         self.requested = False
+        self.signum: int | None = None
         self._previous = {}
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in STOP_SIGNALS:
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread (e.g. under some test runners)
                 pass
 
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum is not None else 'signal'
+
     def _handle(self, signum, frame) -> None:
-        if self.requested:     # a second Ctrl-C exits at once
+        if self.requested and signum == signal.SIGINT:     # a second Ctrl-C exits at once
             raise KeyboardInterrupt
         self.requested = True
+        self.signum = self.signum or signum
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
 
-def wrap_for_speed(G: nn.ModuleDict, D: nn.ModuleDict, dist_ctx: DistributedContext,
-                   compile: bool) -> tuple[dict, dict]:
+def untrainable_parameters(D: nn.ModuleDict, cam_D_weight: float, regularisers: list | None = None
+                           ) -> list[nn.Parameter]:
+    """The discriminator parameters no loss term of the config reaches, for :func:`wrap_for_speed`.
+
+    At ``--cam_D_weight`` <= 0 the losses drop D's CAM logits and ``build_critic`` switches CAM
+    attention off, so the CAM FCs (PT's ``gap_fc``/``gmp_fc``, TF's ``cam``) produce nothing a loss
+    reads -- except kernels one of ``regularisers`` covers (TF's L2 term: objects with ``.params``),
+    which still get its gradient every step. Every other parameter of every config gets a gradient in
+    each backward of its network (``tests/test_distributed.py`` checks the table of features).
+    """
+    if cam_D_weight > 0:
+        return []
+    regularised = {id(p) for term in regularisers or [] for p in term.params}
+    return [p for critic in D.values() for net in critic.values() for name in ('gap_fc', 'gmp_fc', 'cam')
+            if hasattr(net, name) for p in getattr(net, name).parameters() if id(p) not in regularised]
+
+
+def _ddp(module: nn.Module, ids: list[int] | None, untrained: set[int]) -> nn.Module:
+    """DDP over ``module``, leaving the parameters in ``untrained`` (ids) out of its gradient all-reduce.
+
+    DDP's reducer waits for a gradient of every parameter it tracks in each backward; one that never
+    comes makes the next forward fail ("Expected to have finished reduction in the prior iteration"),
+    and ``find_unused_parameters`` is no way out: it walks the graph of each forward separately (G and
+    the unstacked D run several forwards per backward) and breaks on parameters used outside forward
+    (TF's L2 term). So what a config cannot train is left out, and a hook fails the step loudly should
+    one of them get a gradient after all: it would not be averaged, and the ranks would drift apart.
+    """
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    skipped = [(name, p) for name, p in module.named_parameters() if id(p) in untrained]
+    for name, p in skipped:
+        p.register_post_accumulate_grad_hook(_fail_on_gradient(name))
+    DDP._set_params_and_buffers_to_ignore_for_model(module, [name for name, _ in skipped])
+    return DDP(module, device_ids=ids)
+
+
+def _fail_on_gradient(name: str):
+    def hook(param: torch.Tensor) -> None:
+        raise RuntimeError(f'{name} is left out of the DDP gradient all-reduce as untrainable under this config '
+                           f'(utils.untrainable_parameters), but it received a gradient: the rule is wrong')
+    return hook
+
+
+def wrap_for_speed(G: nn.ModuleDict, D: nn.ModuleDict, dist_ctx: DistributedContext, compile: bool,
+                   untrained: list[nn.Parameter] | None = None) -> tuple[dict, dict]:
     """What the training step calls: the raw modules, in DDP wrappers (gradient all-reduce) under
-    torchrun, and torch.compile'd with --compile. ``D`` is {domain: {scale: module}}."""
+    torchrun, and torch.compile'd with --compile. ``D`` is {domain: {scale: module}}.
+
+    ``untrained`` (:func:`untrainable_parameters`) are the parameters no loss of the config reaches:
+    DDP must not wait for their gradients. Everything else rests on every rank computing the same:
+    identical initial weights (one seed), averaged gradients, hence identical Adam updates, ρ clipping
+    and EMA; ADA all-reduces its r_t counts; DDP broadcasts rank 0's buffers (spectral norm's u, v)
+    before each forward, before the power iteration runs on them.
+    """
     G_run = dict(G.items())
     D_run = {dom: dict(critic.items()) for dom, critic in D.items()}
     if dist_ctx.enabled:
-        from torch.nn.parallel import DistributedDataParallel as DDP
         ids = [dist_ctx.device.index] if dist_ctx.device.type == 'cuda' else None
-        G_run = {k: DDP(m, device_ids=ids) for k, m in G_run.items()}
-        D_run = {dom: {s: DDP(m, device_ids=ids) for s, m in c.items()} for dom, c in D_run.items()}
+        skip = {id(p) for p in untrained or []}
+        G_run = {k: _ddp(m, ids, skip) for k, m in G_run.items()}
+        D_run = {dom: {s: _ddp(m, ids, skip) for s, m in c.items()} for dom, c in D_run.items()}
     if compile:
         G_run = {k: torch.compile(m) for k, m in G_run.items()}
         D_run = {dom: {s: torch.compile(m) for s, m in c.items()} for dom, c in D_run.items()}

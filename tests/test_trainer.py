@@ -172,7 +172,7 @@ def test_sigterm_saves_then_resume_equals_unbroken_run(tiny_dataset, tmp_path, m
 
     monkeypatch.setattr(UGATIT, 'train_step', step_then_sigterm)
     stopped = tmp_path / 'stopped'
-    assert _run(tiny_dataset, stopped, '--iteration', '4', '--save_freq', '4') == 0
+    assert _run(tiny_dataset, stopped, '--iteration', '4', '--save_freq', '4') == 128 + signal.SIGTERM
     assert (stopped / 'tiny' / 'model' / 'tiny_params_0000002.pt').exists()
     monkeypatch.setattr(UGATIT, 'train_step', original)
     assert _run(tiny_dataset, stopped, '--iteration', '4', '--save_freq', '4', '--resume', 'True') == 0
