@@ -71,14 +71,21 @@ class DemoModel:
         self._aligner = None
 
     def __call__(self, path: str | None, direction: str, align: bool) -> tuple[np.ndarray, np.ndarray]:
-        """The ``translate`` API: image file, 'A2B'/'B2A', align faces -> (translation, heatmap)."""
+        """The page's ``translate`` API: what :meth:`translate` does, its errors shown on the page."""
         import gradio as gr
+        try:
+            return self.translate(path, direction, align)
+        except utils.UserError as exc:
+            raise gr.Error(str(exc)) from None
+
+    def translate(self, path: str | None, direction: str, align: bool) -> tuple[np.ndarray, np.ndarray]:
+        """Image file, 'A2B'/'B2A', align faces -> (translation, heatmap); needs no web stack."""
         if not path:
-            raise gr.Error('Upload a photo or take one with the webcam first.')
+            raise utils.UserError('Upload a photo or take one with the webcam first.')
         try:
             image = data.load_rgb(path)
         except data.DatasetError as exc:
-            raise gr.Error(str(exc)) from None
+            raise utils.UserError(str(exc)) from None
         start = time.perf_counter()
         result = self.translate_faces(image, direction) if align else \
             sizing.translate_image(self.translator, image, direction, self.keep_size, self.max_size)
@@ -87,7 +94,6 @@ class DemoModel:
 
     def translate_faces(self, image: Image.Image, direction: str) -> tuple[np.ndarray, np.ndarray]:
         """Align every face, translate it at img_size and paste it back; heatmap of the largest face."""
-        import gradio as gr
         size = self.translator.arch['img_size']
         heatmaps = []
 
@@ -98,7 +104,7 @@ class DemoModel:
 
         result = self.aligner().apply(np.asarray(image), translate_crop, out_size=size, all_faces=True)
         if not heatmaps:
-            raise gr.Error('No face found in this photo: untick "align face" to translate the whole photo.')
+            raise utils.UserError('No face found in this photo: untick "align face" to translate the whole photo.')
         return result, heatmaps[0]
 
     def aligner(self):
