@@ -3,7 +3,6 @@ there) load as they did: a training checkpoint, a PT-format file and an export t
 image to the stored outputs, and the training checkpoint resumes."""
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -52,6 +51,7 @@ def test_pt_format_file_translates_as_before_with_its_flags(expected):
 def test_training_checkpoint_restores_the_whole_training_state(tmp_path):
     """Weights, EMA, optimizer moments, ADA and the step come back; training goes on from there."""
     from conftest import random_batches
+
     from ugatit import UGATIT
     data = make_dataset(tmp_path / 'tiny')
     flags = ['--dataset', str(data), '--result_dir', str(tmp_path / 'out'), '--device', 'cpu', '--light', 'True',
