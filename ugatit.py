@@ -123,7 +123,9 @@ class UGATIT:
         self.segmenter = segmenter_from_flags(cfg, self.device) if cfg.use_faceseg else None
         self.g_terms = L.build_generator_terms(cfg, self.device)
         self.frozen_on_other_groups = self._selective_backprop_params()
-        self.G_run, self.D_run = utils.wrap_for_speed(self.G, self.D, self.dist, cfg.compile)
+        self.G_run, self.D_run, self.D_local = utils.wrap_for_speed(
+            self.G, self.D, self.dist, cfg.compile,
+            untrained=utils.untrainable_parameters(self.D, cfg.cam_D_weight, self.regularisers['D']))
 
     # -- construction helpers --------------------------------------------------------------------
 
@@ -206,7 +208,7 @@ class UGATIT:
         per step, however the inputs are batched). ADA, when on, augments every input here, once
         for both scales.
         """
-        nets = self.D_run[domain] if distributed else self.D[domain]
+        nets = self.D_run[domain] if distributed else self.D_local[domain]
         masks = masks or [{} for _ in images]
         sizes = [len(x) for x in images]
         if self.cfg.stack_batches:

@@ -150,3 +150,14 @@ def test_selective_backprop_group_comes_from_the_step_not_the_batch(tiny_dataset
         batch = next(stream)
         assert batch['group_A'].tolist() == [data.round_robin_group(groups, step)] * 2
         assert batch['group_B'].tolist() == [data.round_robin_group(groups, step)] * 2
+
+
+def test_generator_step_critic_is_the_compiled_one_under_compile(tiny_dataset, tmp_path):
+    """Finding 8: the G step's D forward ran the uncompiled self.D under --compile."""
+    trainer = tiny_trainer(tiny_dataset, tmp_path, '--compile', 'True')   # compiled lazily: nothing runs here
+    compiled = torch._dynamo.eval_frame.OptimizedModule
+    for domain in 'AB':
+        for scale in 'GL':
+            local = trainer.D_local[domain][scale]
+            assert isinstance(local, compiled) and local._orig_mod is trainer.D[domain][scale]
+            assert trainer.D_run[domain][scale] is local   # one process: the same compiled module

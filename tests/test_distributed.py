@@ -252,12 +252,12 @@ def test_ddp_wrapper_skips_untrained_parameters_and_fails_loudly_on_a_wrong_rule
     dist.init_process_group('gloo', store=dist.HashStore(), rank=0, world_size=1)
     try:
         net = Net()
-        run, _ = utils.wrap_for_speed({'A2B': net}, {}, ctx, False, untrained=list(net.dead.parameters()))
+        run, _, _ = utils.wrap_for_speed({'A2B': net}, {}, ctx, False, untrained=list(net.dead.parameters()))
         for _ in range(2):   # without the skip, the second forward fails: the reduction never finished
             run['A2B'](torch.ones(2, 3)).sum().backward()
         assert net.used.weight.grad is not None and net.dead.weight.grad is None
         net = Net()
-        run, _ = utils.wrap_for_speed({'A2B': net}, {}, ctx, False, untrained=[net.used.bias])
+        run, _, _ = utils.wrap_for_speed({'A2B': net}, {}, ctx, False, untrained=[net.used.bias])
         with pytest.raises(RuntimeError, match='untrainable'):
             run['A2B'](torch.ones(2, 3)).sum().backward()
     finally:
