@@ -8,12 +8,18 @@ original there is no 2× wavelet supersampling around the warp, so the warp alia
 Matrices map *output* pixel coordinates (centred, in pixels) to *source* coordinates.
 
 `AdaController` adjusts p from r_t = E[sign(D(real) - 0.5)] (LSGAN targets 0/1).
+
+Nothing on the pipe's or the controller's per-step path synchronises host and device (it runs four
+times per training step): no tensor values are read on the host (`float()`, `.item()`, `if t:`),
+and no device tensor is built from Python data, which on CUDA is a blocking host→device copy.
+Constants are filled on the device or copied there once and cached (`_on_device`); decisions
+that depend on drawn values are `torch.where`s. Only the logging properties `p` and `rt` sync.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -42,14 +48,40 @@ CONTRAST_STD = 0.5
 SATURATION_STD = 1.0
 _LUMA = torch.tensor([1.0, 1.0, 1.0, 0.0], dtype=torch.float64) / math.sqrt(3)
 
+_DEVICE_CONSTANTS: dict[tuple, Tensor] = {}
+
+
+def _on_device(key: tuple, build: Callable[[], Tensor], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """`build()` (a CPU tensor) in `dtype` on `device`, copied there on first use only: a copy from
+    the host blocks on CUDA. Shared between calls, so callers must not modify it in place."""
+    full_key = (*key, dtype, torch.device(device))
+    cached = _DEVICE_CONSTANTS.get(full_key)
+    if cached is None:
+        cached = _DEVICE_CONSTANTS[full_key] = build().to(dtype).to(device)
+    return cached
+
 
 # --------------------------------------------------------------------------- matrices
 
 
 def _batch_matrix(rows: Sequence[Sequence[Tensor | float]], ref: Tensor) -> Tensor:
-    """Stacks rows of per-sample [N] tensors or constants into an N×R×C matrix like `ref`."""
+    """Stacks rows of per-sample [N] tensors or constants into an N×R×C matrix like `ref`.
+
+    Constants are filled on ref's device, one fill per distinct value (torch.as_tensor(0,
+    device=cuda) would be a blocking host→device copy per entry).
+    """
     n = ref.shape[0]
-    elems = [torch.as_tensor(e, dtype=ref.dtype, device=ref.device).expand(n) for row in rows for e in row]
+    fills: dict[str, Tensor] = {}
+
+    def column(e: Tensor | float) -> Tensor:
+        if isinstance(e, Tensor):
+            return e.to(ref.device, ref.dtype).expand(n)
+        key = float(e).hex()  # tells 0.0 from -0.0
+        if key not in fills:
+            fills[key] = ref.new_full((n,), e)
+        return fills[key]
+
+    elems = [column(e) for row in rows for e in row]
     return torch.stack(elems, dim=-1).reshape(n, len(rows), len(rows[0]))
 
 
@@ -74,10 +106,11 @@ def _rotation2d(cos: Tensor, sin: Tensor) -> Tensor:
 
 def rot90_2d(k: Tensor) -> Tensor:
     """N×3×3 rotation by k·90° with exact 0/±1 entries (cos/sin of π/2 would not be exact)."""
-    cos = torch.tensor([1.0, 0.0, -1.0, 0.0], dtype=k.dtype, device=k.device)
-    sin = torch.tensor([0.0, 1.0, 0.0, -1.0], dtype=k.dtype, device=k.device)
     idx = k.long() % 4
-    return _rotation2d(cos[idx], sin[idx])
+    # cos = 1, 0, -1, 0 and sin = 0, 1, 0, -1 for idx 0..3, from comparisons (no table to upload)
+    cos = (idx == 0).to(k.dtype) - (idx == 2).to(k.dtype)
+    sin = (idx == 1).to(k.dtype) - (idx == 3).to(k.dtype)
+    return _rotation2d(cos, sin)
 
 
 def translate3d(t: Tensor) -> Tensor:
@@ -91,15 +124,22 @@ def scale3d(s: Tensor) -> Tensor:
 
 
 def rotate3d(axis: Tensor, theta: Tensor) -> Tensor:
-    """N×4×4 rotation by `theta` around the unit 3-vector `axis` (Rodrigues' formula)."""
-    vx, vy, vz = (float(a) for a in axis[:3])
+    """N×4×4 rotation by `theta` around the unit 3-vector `axis` (Rodrigues' formula).
+
+    The axis stays a tensor (float() of its entries would wait for the device). Its products
+    v_i·v_j are formed in the wider of the two dtypes and so round exactly as Python-float
+    products of the entries do when they meet `theta`.
+    """
+    v = axis[:3].to(torch.promote_types(axis.dtype, theta.dtype))
+    vv = torch.outer(v, v)
+    vx, vy, vz = v.unbind()
     s, c = torch.sin(theta), torch.cos(theta)
     cc = 1 - c
     return _batch_matrix(
         [
-            [vx * vx * cc + c, vx * vy * cc - vz * s, vx * vz * cc + vy * s, 0],
-            [vy * vx * cc + vz * s, vy * vy * cc + c, vy * vz * cc - vx * s, 0],
-            [vz * vx * cc - vy * s, vz * vy * cc + vx * s, vz * vz * cc + c, 0],
+            [vv[0, 0] * cc + c, vv[0, 1] * cc - vz * s, vv[0, 2] * cc + vy * s, 0],
+            [vv[1, 0] * cc + vz * s, vv[1, 1] * cc + c, vv[1, 2] * cc - vx * s, 0],
+            [vv[2, 0] * cc - vy * s, vv[2, 1] * cc + vx * s, vv[2, 2] * cc + c, 0],
             [0, 0, 0, 1],
         ],
         theta,
@@ -137,11 +177,15 @@ def apply_blit(x: Tensor, matrix: Tensor) -> Tensor:
     return x.reshape(n, c, h * w).gather(2, index).reshape(n, c, h, w)
 
 
+def _diag(*values: float) -> Tensor:
+    return torch.diag(torch.tensor(values, dtype=torch.float64))
+
+
 def apply_warp(x: Tensor, matrix: Tensor) -> Tensor:
     """Bilinear warp by an N×3×3 output→source pixel matrix, reflection padding; differentiable in x."""
     n, c, h, w = x.shape
-    to_norm = torch.diag(torch.tensor([2 / w, 2 / h, 1.0], dtype=matrix.dtype, device=matrix.device))
-    from_norm = torch.diag(torch.tensor([w / 2, h / 2, 1.0], dtype=matrix.dtype, device=matrix.device))
+    to_norm = _on_device(('to_norm', h, w), lambda: _diag(2 / w, 2 / h, 1.0), matrix.dtype, matrix.device)
+    from_norm = _on_device(('from_norm', h, w), lambda: _diag(w / 2, h / 2, 1.0), matrix.dtype, matrix.device)
     theta = (to_norm @ matrix @ from_norm)[:, :2, :].to(x.dtype)
     grid = F.affine_grid(theta, [n, c, h, w], align_corners=False)
     return F.grid_sample(x, grid, mode='bilinear', padding_mode='reflection', align_corners=False)
@@ -190,7 +234,7 @@ class _Sampler:
 
 
 def _keep(on: Tensor, value: Tensor, neutral: float) -> Tensor:
-    return torch.where(on, value, torch.full_like(value, neutral))
+    return torch.where(on, value, neutral)  # a Python scalar is passed to the kernel, not copied
 
 
 def _sample_blit(ops: Iterable[str], draw: _Sampler, p: Tensor, h: int, w: int) -> tuple[Tensor, Tensor]:
@@ -253,7 +297,7 @@ def _sample_colour(ops: Iterable[str], draw: _Sampler, p: Tensor, channels: int)
     """4×4 colour matrix per sample (applied right to left) and mask; hue/saturation need RGB."""
     eye = torch.eye(4, dtype=draw.dtype, device=draw.device)
     mat, fired = eye.expand(draw.n, 4, 4), torch.zeros(draw.n, dtype=torch.bool, device=draw.device)
-    v = _LUMA.to(draw.device, draw.dtype)
+    v = _on_device(('luma',), lambda: _LUMA, draw.dtype, draw.device)
     vv = torch.outer(v, v)
     if 'brightness' in ops:
         b = draw.normal() * BRIGHTNESS_STD

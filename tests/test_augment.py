@@ -184,6 +184,55 @@ def test_p_is_a_float32_buffer_and_validated():
         AugmentPipe('c', p=1.0)(images(1, 4, 4, 4))
 
 
+# The pipe's draws from its generator, in order ('u' uniform, 'n' normal, n values each): blit, then
+# geometric, then colour ops, each op's values before its coin. A resumed run reseeds the generator
+# and must draw exactly the same, so the order may not change, and no draw may depend on p or x.
+BGC_DRAWS = ('uu' 'uu' 'uuu'                     # xflip, rotate90, xint
+             'nu' 'uu' 'nu' 'uu' 'nnu'           # scale, rotate, aniso, rotate, xfrac
+             'nu' 'nu' 'uu' 'uu' 'nu')           # brightness, contrast, lumaflip, hue, saturation
+GREY_DRAWS = BGC_DRAWS[:-4]                      # hue and saturation need RGB
+
+
+@pytest.mark.parametrize('p', [0.0, 0.4, 1.0])
+@pytest.mark.parametrize('channels,draws', [(3, BGC_DRAWS), (1, GREY_DRAWS)])
+def test_pipe_draws_a_fixed_sequence_from_its_generator(p, channels, draws):
+    n = 5
+    used = gen(9)
+    AugmentPipe('bgc', p=p)(images(n, channels, 8, 8, seed=int(p * 10)), generator=used)
+    replay = gen(9)
+    for kind in draws:
+        (torch.rand if kind == 'u' else torch.randn)(n, generator=replay)
+    assert torch.equal(used.get_state(), replay.get_state())
+
+
+@pytest.mark.parametrize('axis_dtype,theta_dtype', [(torch.float32, torch.float32), (torch.float32, torch.float64),
+                                                    (torch.float64, torch.float32), (torch.float64, torch.float64)])
+def test_rotate3d_rounds_like_python_float_entries(axis_dtype, theta_dtype):
+    """The axis stays on the device (no float() of its entries), with the same numbers as float()s."""
+    axis = torch.tensor([0.3, -0.5, 0.81, 0.0], dtype=torch.float64)
+    axis = (axis / axis.norm()).to(axis_dtype)
+    theta = (torch.rand(64, generator=gen(2), dtype=torch.float64) * 2 - 1).to(theta_dtype) * math.pi
+    vx, vy, vz = (float(a) for a in axis[:3])
+    s, c = torch.sin(theta), torch.cos(theta)
+    cc = 1 - c
+    rows = [[vx * vx * cc + c, vx * vy * cc - vz * s, vx * vz * cc + vy * s],
+            [vy * vx * cc + vz * s, vy * vy * cc + c, vy * vz * cc - vx * s],
+            [vz * vx * cc - vy * s, vz * vy * cc + vx * s, vz * vz * cc + c]]
+    got = rotate3d(axis, theta)
+    assert got.dtype == theta_dtype
+    assert torch.equal(got[:, :3, :3], torch.stack([torch.stack(r, dim=-1) for r in rows], dim=1))
+    assert torch.equal(got[:, 3], torch.tensor([0, 0, 0, 1], dtype=theta_dtype).expand(64, 4))
+    assert torch.equal(got[:, :3, 3], torch.zeros(64, 3, dtype=theta_dtype))
+
+
+def test_rot90_matrix_entries_are_exact_for_any_k():
+    k = torch.arange(-4.0, 8.0)
+    turns = [(1, 0), (0, 1), (-1, 0), (0, -1)]
+    want = torch.tensor([[[c, -s, 0], [s, c, 0], [0, 0, 1]] for c, s in (turns[int(i) % 4] for i in k)],
+                        dtype=torch.float32)
+    assert torch.equal(rot90_2d(k), want)
+
+
 # --------------------------------------------------------------------------- the controller
 
 
