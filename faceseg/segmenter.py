@@ -33,9 +33,21 @@ class SegMasks(NamedTuple):
     eroded: Tensor  # Mᵉ: face mask after close + erode (the preserved background grows)
 
 
+_CLASS_INDEX: dict[tuple[frozenset[int], torch.device], Tensor] = {}
+
+
+def _class_index(classes: frozenset[int], device: torch.device) -> Tensor:
+    """``sorted(classes)`` as an index tensor on ``device``, copied there once: indexing with a
+    Python list copies the list to the device (a blocking copy on CUDA) on every call."""
+    key = (classes, device)
+    if key not in _CLASS_INDEX:
+        _CLASS_INDEX[key] = torch.tensor(sorted(classes), dtype=torch.long).to(device)
+    return _CLASS_INDEX[key]
+
+
 def class_sum(probs: Tensor, classes: frozenset[int]) -> Tensor:
     """Sum of the class probabilities over ``classes``, B×1×H×W, clamped to [0, 1]."""
-    return probs[:, sorted(classes)].sum(dim=1, keepdim=True).clamp(0.0, 1.0)
+    return probs[:, _class_index(classes, probs.device)].sum(dim=1, keepdim=True).clamp(0.0, 1.0)
 
 
 def apply_edge_rule(mask: Tensor, hard_edge: bool = False) -> Tensor:
