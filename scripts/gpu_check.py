@@ -20,15 +20,17 @@ call, ``torchrun``) as a subprocess on a small generated dataset:
 - ``ada`` (kill and resume as above), ``channels_last``, ``compile`` (on the CPU only with
   ``UGATIT_SLOW_TESTS=1``: minutes of compilation), ``faceseg`` and ``facenet`` (random weights written
   to a file, as a user's downloaded ones), ``ddp`` and ``ddp-cam_D_off`` (torchrun, 2 processes: on CUDA
-  only with 2 devices, on the CPU over gloo), ``export``, ``onnx`` and ``demo`` (from a checkpoint trained
-  on the device).
+  only with 2 devices, on the CPU over gloo; ``ddp`` also resumes on CUDA and with ``--full``), ``export``,
+  ``onnx`` and ``demo`` (from a checkpoint trained on the device).
 
-Rows run ``--jobs`` at a time, except the CUDA benchmark rows, which run alone. A row that would start
-after ``--budget_s`` is reported as skipped; rows still running ``--grace_s`` later are stopped. The table
-(row, pass/fail/skip, seconds, s/it, peak memory, note) and a JSON go to ``--out`` after every row, so a
-run cut short still leaves its results. Exit status 1 when any row failed. Peak memory comes from each
-child process itself: a ``sitecustomize`` put first on the children's PYTHONPATH records
-``torch.cuda.max_memory_allocated`` (CUDA) and the peak RSS when the process exits.
+Rows run ``--jobs`` at a time in this order: compile (it compiles for minutes, so it starts first), the
+resume rows, the benchmark rows (on CUDA alone, once the rows before them have ended), the other
+features. A row that would start after ``--budget_s`` is reported as skipped; rows still running
+``--grace_s`` later are stopped. The table (row, pass/fail/skip, seconds, s/it, peak memory, note) and a
+JSON go to ``--out`` after every row, so a run cut short still leaves its results. Exit status 1 when
+any row failed. Peak memory comes from each child process itself: a ``sitecustomize`` put first on the
+children's PYTHONPATH records ``torch.cuda.max_memory_allocated`` (CUDA) and the peak RSS as the
+process exits.
 """
 from __future__ import annotations
 
@@ -606,18 +608,19 @@ def demo_call(ctx: Context, row: RowRun) -> tuple[float | None, str]:
 
 
 def build_rows(ctx: Context) -> list[Row]:
-    """Every row in the order it runs: resume paths and amp modes, the benchmark, then the features
-    (compile first among them: it takes longest)."""
+    """Every row in the order it starts: compile (minutes of compilation, so it starts first and runs
+    beside the others), the resume paths and amp modes, the benchmark alone, then the other features."""
     cuda = ctx.cuda
     cpu_subset = {('lsgan', 'off', 1), ('wgan-gp', 'bf16', 2)}
-    rows = [Row(f'resume-{gan}-{amp}-nc{n}', resume_row(gan, amp, n, (gan, amp, n) in cpu_subset), 180)
-            for amp in ('off', 'fp16', 'bf16') for gan in ('lsgan', 'wgan-gp') for n in (1, 2)]
+    rows = [Row('compile', compile_row, 360 if cuda else 900)]
+    rows += [Row(f'resume-{gan}-{amp}-nc{n}', resume_row(gan, amp, n, (gan, amp, n) in cpu_subset), 180)
+             for amp in ('off', 'fp16', 'bf16') for gan in ('lsgan', 'wgan-gp') for n in (1, 2)]
     if cuda:   # alone: timings without other rows on the GPU
         rows += [Row('benchmark-full256', benchmark_row('full256'), 240, alone=True),
                  Row('benchmark-light256', benchmark_row('light256'), 240, alone=True)]
     else:
         rows.append(Row('benchmark-tiny', benchmark_row('tiny'), 180))
-    rows += [Row('compile', compile_row, 360 if cuda else 900), Row('ada', ada, 180),
+    rows += [Row('ada', ada, 180),
              Row('channels_last', channels_last, 120), Row('faceseg', faceseg, 150), Row('facenet', facenet, 150),
              Row('ddp', ddp_row(resume=cuda or ctx.full, test=True), 180),
              Row('ddp-cam_D_off', ddp_row('--cam_D_weight', '-1', '--cam_D_attention', 'False', resume=False,
