@@ -2,17 +2,25 @@
 batch stream (SPEC A8, §1.5, §1.10, §1.11).
 
 Reproducibility: every random choice of the training stream (which images, flips, crops, the
-RandomResizedCrop, the histogram-matching coin) comes from a generator seeded by a hash of
-(seed, step, rank, sample); nothing reads a global RNG. A run resumed at step t therefore sees exactly
-the batches an unbroken run sees at step t, with any number of DataLoader workers.
+RandomResizedCrop, the histogram-matching coin, the replacement of an unreadable image) comes from a
+generator seeded by a hash of (seed, step, rank, sample); nothing reads a global RNG. A run resumed at
+step t therefore sees exactly the batches an unbroken run sees at step t, with any number of
+DataLoader workers.
+
+Unattended runs: an image that becomes unreadable mid-run is replaced (see _PairDataset) and named in
+one warning by the main process; past MAX_UNREADABLE_SHARE of a domain the stream stops with
+TooManyUnreadable. Workers ignore SIGINT/SIGTERM (ignore_stop_signals), so a signal to the whole
+process group reaches only the main process's clean stop.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import math
 import os
+import signal
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -23,11 +31,12 @@ import cv2
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
+import utils
 from images import (  # noqa: F401 - re-exported: dataset.find_images etc. are the data API
     _DECODE_ERRORS,
     _WARNED,
@@ -35,15 +44,24 @@ from images import (  # noqa: F401 - re-exported: dataset.find_images etc. are t
     LAYOUT,
     DatasetError,
     UnreadableImage,
+    _is_readable,
     _readable_images,
     _warn_skipped,
     find_images,
     load_rgb,
+    scan_images,
 )
 
 SPLITS = ('trainA', 'trainB', 'testA', 'testB')
 MATCH_MODES = ('hsv', 'hsl', 'rgb')
 GROUP_SAMPLING = ('round_robin', 'balanced')
+# More than this share of a training domain unreadable stops the run: a few broken files are replaced
+# by others, but a vanished disk or a bad copy is not silently trained around for a week.
+MAX_UNREADABLE_SHARE = 0.1
+
+
+class TooManyUnreadable(DatasetError, utils.UserError):
+    """Too much of a training domain (or a whole group) cannot be read; one line, exit status 2."""
 
 
 def resolve_dataset_root(dataset: str) -> Path:
@@ -57,20 +75,25 @@ def resolve_dataset_root(dataset: str) -> Path:
                        f'{Path(dataset).resolve()}; expected {LAYOUT}')
 
 
-def domain_images(root: Path, split: str, groups: list[int] | None = None
+def domain_images(root: Path, split: str, groups: list[int] | None = None, *, keep_unreadable: bool = False
                   ) -> tuple[list[Path], list[int] | None]:
     """Readable images of `root/split` and, with `groups`, their group labels.
 
     With groups, only `split/<g>/...` for each selected g is read and labelled g; other
     sub-folders are ignored. A missing or empty selected group raises DatasetError.
+    `keep_unreadable`: every image file, unreadable ones too (still warned about), so that indices
+    stay the same when a file breaks between a run and its resumption.
     """
+    def listed(folder: Path) -> list[Path]:
+        return scan_images(folder)[0] if keep_unreadable else _readable_images(folder)
+
     if split not in SPLITS:
         raise ValueError(f'split must be one of {SPLITS}, got {split!r}')
     folder = Path(root) / split
     if not folder.is_dir():
         raise DatasetError(f'folder {folder} does not exist; expected {LAYOUT}')
     if groups is None:
-        return _readable_images(folder), None
+        return listed(folder), None
     paths: list[Path] = []
     labels: list[int] = []
     for group in groups:
@@ -78,7 +101,7 @@ def domain_images(root: Path, split: str, groups: list[int] | None = None
         if not sub.is_dir():
             raise DatasetError(f'group {group} has no folder {sub}; put its images there or leave '
                                f'group {group} out of --group')
-        found = _readable_images(sub)
+        found = listed(sub)
         paths += found
         labels += [group] * len(found)
     return paths, labels
@@ -387,33 +410,99 @@ class _MatchConfig(NamedTuple):
 _BATCH_KEYS = {'A': 'A', 'B': 'B', 'blurA': 'blur_A', 'blurB': 'blur_B'}
 
 
+class _Unloadable(Exception):
+    """No readable candidate for a sample; the worker reports it in the sample, not as an error."""
+
+
+def _candidates(index: int, members: list[int], seed: int, names: tuple[str, ...]) -> Iterator[int]:
+    """`index`, then the other members of its group in an order seeded by (sample seed, names): the
+    k-th replacement is a pure function of (seed, position, k), the same in every worker and run."""
+    yield index
+    order = torch.randperm(len(members), generator=_generator(seed, 'replace', *names))
+    yield from (members[k] for k in order.tolist() if members[k] != index)
+
+
 class _PairDataset(Dataset):
-    """Map-style dataset indexed by SampleSpec; returns one sample's dict of tensors."""
+    """Map-style dataset indexed by SampleSpec; returns one sample's dict of tensors.
+
+    An image that cannot be read (truncated, deleted, overwritten mid-run) is replaced by the next
+    of _candidates from its domain and group; paired A and B are replaced together. The sample lists
+    the files it skipped under 'skipped', for the main process to warn once per file (workers cannot
+    know what the others warned). After more than `max_failures[name]` failures in one sample (its
+    domain is then past its share) or with no readable file left in the group, the sample holds
+    'failed' (the folder) instead of images.
+    """
 
     def __init__(self, paths: dict[str, list[Path]], labels: dict[str, list[int] | None],
-                 transform: TrainTransform | TFTrainTransform, match: _MatchConfig | None, paired: bool = False):
-        self.paths, self.labels, self.transform, self.match = paths, labels, transform, match
+                 members: dict[str, dict[int | None, list[int]]], transform: TrainTransform | TFTrainTransform,
+                 match: _MatchConfig | None, paired: bool = False, max_failures: dict[str, int] | None = None):
+        self.paths, self.labels, self.members, self.transform, self.match = paths, labels, members, transform, match
         self.paired = paired
+        self.max_failures = max_failures or {name: len(found) for name, found in paths.items()}
 
-    def __getitem__(self, spec: SampleSpec) -> dict[str, torch.Tensor | int]:
-        item: dict[str, torch.Tensor | int] = {}
-        pairs = [('A', 'B', spec.index_A, spec.index_B)]
-        if spec.blur_A >= 0:
-            pairs.append(('blurA', 'blurB', spec.blur_A, spec.blur_B))
-        for name_a, name_b, idx_a, idx_b in pairs:
-            img_a, img_b = self._load_pair(name_a, name_b, idx_a, idx_b, spec.seed)
+    def __getitem__(self, spec: SampleSpec) -> dict[str, torch.Tensor | int | list[str] | str]:
+        skipped: list[str] = []
+        try:
+            images, indices = self._load_sample(spec, skipped)
+        except _Unloadable as exc:
+            return {'skipped': skipped, 'failed': str(exc)}
+        item: dict[str, torch.Tensor | int | list[str] | str] = {}
+        for name_a, name_b in (('A', 'B'), ('blurA', 'blurB')):
+            if name_a not in images:
+                continue
+            img_a, img_b = self._matched(images[name_a], images[name_b], name_a, spec.seed)
             # Paired A and B share their draws: the same flip and crop.
             seed_b = name_a if self.paired and name_a == 'A' else name_b
             item[_BATCH_KEYS[name_a]] = self.transform(img_a, _generator(spec.seed, name_a))
             item[_BATCH_KEYS[name_b]] = self.transform(img_b, _generator(spec.seed, seed_b))
-        for domain, index in (('A', spec.index_A), ('B', spec.index_B)):
+        for domain in ('A', 'B'):
             if self.labels[domain] is not None:
-                item[f'group_{domain}'] = self.labels[domain][index]
+                item[f'group_{domain}'] = self.labels[domain][indices[domain]]
+        item['skipped'] = skipped
         return item
 
-    def _load_pair(self, name_a: str, name_b: str, idx_a: int, idx_b: int, seed: int
-                   ) -> tuple[Image.Image, Image.Image]:
-        img_a, img_b = load_rgb(self.paths[name_a][idx_a]), load_rgb(self.paths[name_b][idx_b])
+    def _load_sample(self, spec: SampleSpec, skipped: list[str]
+                     ) -> tuple[dict[str, Image.Image], dict[str, int]]:
+        """The images of the sample by name ('A', 'B', 'blurA', 'blurB') and the indices they came from."""
+        sources = [(('A', 'B'), spec.index_A)] if self.paired else [(('A',), spec.index_A), (('B',), spec.index_B)]
+        if spec.blur_A >= 0:
+            sources += [(('blurA',), spec.blur_A), (('blurB',), spec.blur_B)]
+        images, indices = {}, {}
+        for names, index in sources:
+            index, loaded = self._load_or_replace(names, index, spec.seed, skipped)
+            for name, img in zip(names, loaded):
+                images[name], indices[name] = img, index
+        return images, indices
+
+    def _load_or_replace(self, names: tuple[str, ...], index: int, seed: int, skipped: list[str]
+                         ) -> tuple[int, list[Image.Image]]:
+        """The images of `index` in each domain of `names`, or of the first candidate that reads."""
+        domain = names[0]
+        group = self.labels[domain][index] if self.labels.get(domain) is not None else None
+        failures: Counter[str] = Counter()
+        for candidate in _candidates(index, self.members[domain][group], seed, names):
+            loaded = self._try_load(names, candidate, skipped, failures)
+            if loaded is not None:
+                return candidate, loaded
+            if any(failures[name] > self.max_failures[name] for name in names):
+                break   # past the domain's share: the main process stops, no need to try them all
+        raise _Unloadable(domain if group is None else f'{domain}/{group}')
+
+    def _try_load(self, names: tuple[str, ...], index: int, skipped: list[str], failures: Counter[str]
+                  ) -> list[Image.Image] | None:
+        loaded = []
+        for name in names:
+            path = self.paths[name][index]
+            try:
+                loaded.append(load_rgb(path))   # a deleted file is an OSError, hence UnreadableImage too
+            except UnreadableImage:
+                skipped.append(str(path))
+                failures[name] += 1
+                return None
+        return loaded
+
+    def _matched(self, img_a: Image.Image, img_b: Image.Image, name_a: str, seed: int
+                 ) -> tuple[Image.Image, Image.Image]:
         if self.match is None:
             return img_a, img_b
         arr_a, arr_b = np.asarray(img_a), np.asarray(img_b)
@@ -422,6 +511,48 @@ class _PairDataset(Dataset):
         else:
             arr_a = match_histograms(arr_a, arr_b, self.match.mode, self.match.ratio)
         return Image.fromarray(arr_a), Image.fromarray(arr_b)
+
+
+def _collate(samples: list[dict]) -> dict:
+    """default_collate of images and labels, plus every file the batch skipped and its first failure."""
+    skipped = [path for sample in samples for path in sample.pop('skipped')]
+    failed = [sample['failed'] for sample in samples if 'failed' in sample]
+    batch = {'failed': failed[0]} if failed else default_collate(samples)
+    batch['skipped'] = skipped
+    return batch
+
+
+class UnreadableLedger:
+    """The main process's record of unreadable training files: one warning per file however many
+    workers met it, and TooManyUnreadable once a domain has more than `max_share` of them."""
+
+    def __init__(self, paths: dict[str, list[Path]], folders: dict[str, Path], max_share: float):
+        self.domain_of = {str(path): name for name, found in paths.items() for path in found}
+        self.sizes = {name: len(found) for name, found in paths.items()}
+        self.folders, self.max_share = folders, max_share
+        self.unreadable: dict[str, set[str]] = {name: set() for name in paths}
+
+    def note(self, skipped: Sequence[str | Path], failed: str | None = None) -> None:
+        """Record `skipped` files (warning once about new ones); raise past the share or on `failed`."""
+        new = [p for p in dict.fromkeys(map(str, skipped)) if p not in self.unreadable[self.domain_of[p]]]
+        for path in new:
+            self.unreadable[self.domain_of[path]].add(path)
+        self._check()
+        _warn_skipped([Path(p) for p in new])
+        if failed is not None:
+            name, _, group = failed.partition('/')
+            folder = self.folders[name] / group if group else self.folders[name]
+            raise TooManyUnreadable(f'no image in {folder} can be read any more: replace the files (or leave '
+                                    f'the group out of --group), then resume with --resume True')
+
+    def _check(self) -> None:
+        for name, bad in self.unreadable.items():
+            if len(bad) > self.max_share * self.sizes[name]:
+                folder = self.folders[name]
+                names = sorted(Path(p).relative_to(folder).as_posix() for p in bad)
+                raise TooManyUnreadable(
+                    f'{len(bad)} of {self.sizes[name]} images in {folder} cannot be read (more than '
+                    f'{self.max_share:.0%}): {_listed(names)}; replace them, then resume with --resume True')
 
 
 def round_robin_group(groups: list[int], step: int) -> int:
@@ -433,11 +564,12 @@ class TrainStream:
     """The infinite training batch stream: the k-th next() is the batch of step start_step + k.
 
     Batches are dicts: 'A', 'B' (N×3×s×s in [-1, 1]), 'blur_A', 'blur_B' with blur images,
-    'group_A', 'group_B' (int64 N) with groups. `step` is the step of the next batch.
+    'group_A', 'group_B' (int64 N) with groups. `step` is the step of the next batch. Files the
+    batch had to skip go to `ledger` (warned once each; TooManyUnreadable past the share).
     """
 
-    def __init__(self, loader: DataLoader, start_step: int, num_images: dict[str, int]):
-        self.loader, self.step, self.num_images = loader, start_step, num_images
+    def __init__(self, loader: DataLoader, start_step: int, num_images: dict[str, int], ledger: UnreadableLedger):
+        self.loader, self.step, self.num_images, self.ledger = loader, start_step, num_images, ledger
         self._iterator: Iterator | None = None
 
     def __iter__(self) -> TrainStream:
@@ -447,6 +579,7 @@ class TrainStream:
         if self._iterator is None:  # workers start on first use
             self._iterator = iter(self.loader)
         batch = next(self._iterator)
+        self.ledger.note(batch.pop('skipped'), batch.pop('failed', None))
         self.step += 1
         return batch
 
@@ -467,19 +600,27 @@ def build_train_stream(root: Path, img_size: int, batch_size: int, seed: int, *,
                        match_prob: float = 0.5, match_ratio: float = 1.0, blur_root: Path | None = None,
                        groups: list[int] | None = None, group_sampling: str = 'round_robin',
                        augment_flag: bool | None = None, paired: bool = False,
-                       prefetch_factor: int = 2) -> TrainStream:
+                       prefetch_factor: int = 2, max_unreadable: float = MAX_UNREADABLE_SHARE,
+                       worker_init_fn: Callable[[int], None] | None = None) -> TrainStream:
     """The training stream of `root/trainA` and `root/trainB` (see TrainStream, StepBatchSampler).
 
     With `blur_root`, blur images come from `blur_root/blurA` and `blur_root/blurB`; a missing
     one is first made from `root/trainA` (`trainB`) by make_blur_images, as EN does. `augment_flag`
     True/False selects TF's pipeline (TFTrainTransform). `paired`: A and B are drawn by the same
     file stem with the same flip and crop (DatasetError when the stems differ).
+
+    Unreadable files stay in the lists (replaced when drawn), so a file that breaks mid-run keeps
+    every index, and the draws of a resumed run, as they were; TooManyUnreadable, now or later, when
+    more than `max_unreadable` of a domain cannot be read. Workers ignore SIGINT/SIGTERM, then run
+    `worker_init_fn`.
     """
     root = Path(root)
     paths: dict[str, list[Path]] = {}
     labels: dict[str, list[int] | None] = {}
+    folders: dict[str, Path] = {}
     for domain in ('A', 'B'):
-        paths[domain], labels[domain] = domain_images(root, f'train{domain}', groups)
+        paths[domain], labels[domain] = domain_images(root, f'train{domain}', groups, keep_unreadable=True)
+        folders[domain] = root / f'train{domain}'
     if paired:
         order = pair_by_stem(root, paths['A'], paths['B'])
         paths['B'] = [paths['B'][i] for i in order]
@@ -489,7 +630,9 @@ def build_train_stream(root: Path, img_size: int, batch_size: int, seed: int, *,
             folder = Path(blur_root) / f'blur{domain}'
             if not folder.is_dir():
                 make_blur_images(root / f'train{domain}', folder)
-            paths[f'blur{domain}'] = _readable_images(folder)
+            paths[f'blur{domain}'], folders[f'blur{domain}'] = scan_images(folder)[0], folder
+    ledger = UnreadableLedger(paths, folders, max_unreadable)
+    ledger.note([p for found in paths.values() for p in found if not _is_readable(p)])   # cached: no decode
     members = {name: _members(labels.get(name), len(found)) for name, found in paths.items()}
     sampler = StepBatchSampler(members, batch_size, seed, start_step, rank, world_size, groups,
                                group_sampling, paired)
@@ -497,11 +640,28 @@ def build_train_stream(root: Path, img_size: int, batch_size: int, seed: int, *,
         raise ValueError(f'bad histogram matching settings: mode {match_mode!r}, prob {match_prob}, '
                          f'ratio {match_ratio}')
     match = _MatchConfig(match_mode, match_prob, match_ratio) if match_histograms else None
-    dataset = _PairDataset(paths, labels, train_transform(img_size, aug_prob, augment_flag), match, paired)
+    max_failures = {name: int(max_unreadable * len(found)) for name, found in paths.items()}
+    dataset = _PairDataset(paths, labels, members, train_transform(img_size, aug_prob, augment_flag), match,
+                           paired, max_failures)
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
-                        persistent_workers=num_workers > 0,
-                        prefetch_factor=prefetch_factor if num_workers > 0 else None)
-    return TrainStream(loader, start_step, {name: len(found) for name, found in paths.items()})
+                        collate_fn=_collate, persistent_workers=num_workers > 0,
+                        prefetch_factor=prefetch_factor if num_workers > 0 else None,
+                        worker_init_fn=functools.partial(ignore_stop_signals, then=worker_init_fn))
+    return TrainStream(loader, start_step, {name: len(found) for name, found in paths.items()}, ledger)
+
+
+def ignore_stop_signals(worker_id: int = 0, then: Callable[[int], None] | None = None) -> None:
+    """A DataLoader worker_init_fn: the worker ignores SIGINT and SIGTERM, then runs `then`.
+
+    `timeout`, systemd, SLURM and Ctrl-C signal the whole process group. torch's own SIGTERM handler
+    in a worker exits it, and the main process then reports a crashed worker with a traceback in the
+    middle of its clean stop; ignoring them leaves the stop to the main process, which shuts its
+    workers down (and they exit by themselves if the main process dies).
+    """
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    if then is not None:
+        then(worker_id)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -540,7 +700,7 @@ def build_test_loader(folder: Path, img_size: int, batch_size: int = 1, num_work
     """Deterministic loader of (images N×3×s×s in [-1, 1], names: list[str]) over every image under
     `folder`; a name is the relative path without extension ('img1', 'sub/img2')."""
     return DataLoader(_FolderDataset(Path(folder), img_size), batch_size=batch_size, shuffle=False,
-                      num_workers=num_workers, collate_fn=_collate_named)
+                      num_workers=num_workers, collate_fn=_collate_named, worker_init_fn=ignore_stop_signals)
 
 
 def train_stream(cfg, root: Path, start: int, dist_ctx, pin_memory: bool = False) -> TrainStream:

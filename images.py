@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from tqdm import tqdm
 
 IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
 LAYOUT = 'dataset/<name>/{trainA,trainB,testA,testB}/ holding image files'
@@ -84,7 +85,10 @@ _READABLE: dict[tuple[str, int, int], bool] = {}
 
 def _is_readable(path: Path) -> bool:
     """Decode the file once (JPEGs at 1/8 scale, which is cheap); cached per (path, mtime, size)."""
-    stat = path.stat()
+    try:
+        stat = path.stat()
+    except OSError:   # deleted since it was listed
+        return False
     key = (str(path), stat.st_mtime_ns, stat.st_size)
     if key not in _READABLE:
         try:
@@ -105,18 +109,27 @@ def _warn_skipped(skipped: Sequence[Path]) -> None:
     for path in skipped:
         if str(path) not in _WARNED:
             _WARNED.add(str(path))
-            print(f'warning: skipping unreadable image {path}', file=sys.stderr)
+            # tqdm.write: a line of its own even while a training progress bar is drawn
+            tqdm.write(f'warning: skipping unreadable image {path}', file=sys.stderr)
+
+
+def scan_images(folder: Path) -> tuple[list[Path], list[Path]]:
+    """(every image file under `folder`, the unreadable ones among them); warns once naming each
+    unreadable one; DatasetError if the folder is missing or holds no readable image."""
+    if not folder.is_dir():
+        raise DatasetError(f'folder {folder} does not exist; expected {LAYOUT}')
+    found = find_images(folder)
+    unreadable = [p for p in found if not _is_readable(p)]
+    _warn_skipped(unreadable)
+    if len(unreadable) == len(found):
+        detail = f'{len(found)} unreadable file(s)' if found else 'no file with extension ' + ' '.join(
+            IMG_EXTENSIONS)
+        raise DatasetError(f'no readable image in {folder} ({detail}); put images there')
+    return found, unreadable
 
 
 def _readable_images(folder: Path) -> list[Path]:
     """Readable images under `folder`; warns once naming the unreadable ones; DatasetError if none."""
-    if not folder.is_dir():
-        raise DatasetError(f'folder {folder} does not exist; expected {LAYOUT}')
-    found = find_images(folder)
-    good = [p for p in found if _is_readable(p)]
-    _warn_skipped([p for p in found if not _is_readable(p)])  # cached: no second decode
-    if not good:
-        detail = f'{len(found)} unreadable file(s)' if found else 'no file with extension ' + ' '.join(
-            IMG_EXTENSIONS)
-        raise DatasetError(f'no readable image in {folder} ({detail}); put images there')
-    return good
+    found, unreadable = scan_images(folder)
+    bad = set(unreadable)
+    return [p for p in found if p not in bad]

@@ -3,6 +3,9 @@ blur images and the test loader. Images are tiny and live in tmp_path."""
 
 from __future__ import annotations
 
+import os
+import signal
+import time
 import warnings
 from pathlib import Path
 
@@ -12,6 +15,7 @@ import torch
 from PIL import Image
 
 import dataset as ds
+import utils
 
 # Distinct solid colours: a solid image stays solid under flips and crops, so its colour tells which
 # source image a training sample came from.
@@ -335,6 +339,112 @@ def test_missing_or_empty_group_raises(tmp_path: Path) -> None:
     (tmp_path / 'trainB' / '4').mkdir()
     with pytest.raises(ds.DatasetError, match=r'trainB[/\\]4'):
         ds.domain_images(tmp_path, 'trainB', [4])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Images that break mid-run, and signals to the workers (issue 17)
+
+
+def palette(n: int) -> list[tuple[int, int, int]]:
+    """n distinct solid colours."""
+    return [(40 * (i % 6), 40 * (i // 6 % 6), 255 - 40 * (i // 36)) for i in range(n)]
+
+
+def break_file(path: Path, how: str = 'truncate') -> None:
+    if how == 'delete':
+        path.unlink()
+    else:
+        path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
+    with pytest.raises(ds.UnreadableImage):
+        ds.load_rgb(path)
+
+
+def ten_each(root: Path) -> list[tuple[int, int, int]]:
+    colours = palette(10)
+    for i, colour in enumerate(colours):
+        solid(root / 'trainA' / f'a{i}.png', colour)
+        solid(root / 'trainB' / f'b{i}.png', colour)
+    return colours
+
+
+@pytest.mark.parametrize('how', ['truncate', 'delete'])
+def test_image_broken_mid_run_is_replaced_from_its_domain_and_warned_once(tmp_path: Path, capfd, how) -> None:
+    colours = ten_each(tmp_path)
+    kwargs = dict(img_size=8, batch_size=2, seed=5)
+    stream = ds.build_train_stream(tmp_path, num_workers=2, **kwargs)
+    draws = [step for step in range(15) for spec in stream.loader.batch_sampler.batch(step) if spec.index_A == 3]
+    assert {step % 2 for step in draws} == {0, 1}   # both workers meet the broken file
+    broken = tmp_path / 'trainA' / 'a3.png'
+    break_file(broken, how)   # listed as readable; broken before any worker reads it
+    batches = take(stream, 15)
+    seen = [c for batch in batches for c in colour_of(batch['A'])]
+    assert len(seen) == 30 and colours[3] not in seen and set(seen) <= set(colours)
+    assert batches[0].keys() == {'A', 'B'}
+    err = capfd.readouterr().err
+    assert err.count(str(broken)) == 1 and 'skipping unreadable image' in err
+    if how == 'truncate':   # a broken file keeps its index: a rerun or a resumed run draws the same
+        assert_same_batches(batches, take(ds.build_train_stream(tmp_path, **kwargs), 15))
+        assert_same_batches(batches[6:], take(ds.build_train_stream(tmp_path, start_step=6, **kwargs), 9))
+
+
+def test_replacement_keeps_the_group_and_the_pair(tmp_path: Path) -> None:
+    colours = palette(10)
+    for group in (1, 2):
+        for i in range(5):
+            for domain in 'AB':
+                solid(tmp_path / f'train{domain}' / str(group) / f's{i}.png', colours[5 * (group - 1) + i])
+    stream = ds.build_train_stream(tmp_path, 8, batch_size=2, seed=1, groups=[1, 2], paired=True)
+    break_file(tmp_path / 'trainA' / '1' / 's0.png')
+    break_file(tmp_path / 'trainB' / '2' / 's1.png', 'delete')
+    for batch in take(stream, 20):
+        seen_a, seen_b = colour_of(batch['A']), colour_of(batch['B'])
+        assert seen_a == seen_b   # the pair is replaced together
+        assert not {colours[0], colours[6]} & set(seen_a)
+        assert batch['group_A'].tolist() == batch['group_B'].tolist()
+        for group, colour in zip(batch['group_A'].tolist(), seen_a):
+            assert colours.index(colour) // 5 + 1 == group
+
+
+def test_too_many_unreadable_images_stop_the_stream_in_one_line(tmp_path: Path) -> None:
+    ten_each(tmp_path)
+    stream = ds.build_train_stream(tmp_path, 8, batch_size=2, seed=0)
+    break_file(tmp_path / 'trainA' / 'a0.png')
+    break_file(tmp_path / 'trainA' / 'a1.png', 'delete')
+    with pytest.raises(ds.TooManyUnreadable) as raised:
+        take(stream, 20)
+    message = str(raised.value)
+    assert '\n' not in message and isinstance(raised.value, utils.UserError)
+    assert '2 of 10 images in' in message and 'a0.png, a1.png' in message and '10%' in message
+    solid(tmp_path / 'trainA' / 'a1.png', (1, 2, 3))
+    break_file(tmp_path / 'trainA' / 'a2.png')
+    with pytest.raises(ds.TooManyUnreadable, match='2 of 10 images'):   # at start-up, before any step
+        ds.build_train_stream(tmp_path, 8, batch_size=2, seed=0)
+
+
+def test_a_group_with_nothing_readable_left_stops_the_stream(tmp_path: Path) -> None:
+    for group, count in ((1, 11), (2, 1)):
+        for i in range(count):
+            for domain in 'AB':
+                solid(tmp_path / f'train{domain}' / str(group) / f'{i}.png', COLOURS[i % 9])
+    stream = ds.build_train_stream(tmp_path, 8, batch_size=1, seed=0, groups=[1, 2])
+    break_file(tmp_path / 'trainA' / '2' / '0.png')   # 1 of 12: within the share, but all of group 2
+    with pytest.raises(ds.TooManyUnreadable, match=r'no image in \S*trainA[/\\]2 can be read'):
+        take(stream, 4)
+
+
+def test_workers_ignore_sigint_and_sigterm(tmp_path: Path) -> None:
+    """A signal to the whole process group reaches the workers too; only the main process acts on it."""
+    make_domains(tmp_path)
+    reference = take(ds.build_train_stream(tmp_path, 8, 2, 0), 6)
+    stream = ds.build_train_stream(tmp_path, 8, 2, 0, num_workers=2)
+    first = take(stream, 2)
+    workers = stream._iterator._workers
+    for worker in workers:
+        os.kill(worker.pid, signal.SIGTERM)
+        os.kill(worker.pid, signal.SIGINT)
+    time.sleep(0.5)
+    assert all(worker.is_alive() for worker in workers)
+    assert_same_batches(reference, first + take(stream, 4))
 
 
 # ---------------------------------------------------------------------------------------------------
