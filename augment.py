@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -477,11 +478,23 @@ class AdaController:
         self.calls = int(state['calls'])
 
 
-def build_controllers(cfg, device: torch.device, world_size: int = 1, threshold: float = 0.5
+@dataclass(frozen=True)
+class AdaOptions:
+    """F2W's --ada_* flags; ``batch_size`` counts the images of all ranks per D step."""
+
+    pipeline: str = 'bgc'
+    p: float = 0.0
+    target: float = 0.6
+    interval: int = 4
+    kimg: float = 500
+    batch_size: int = 1
+
+
+def build_controllers(options: AdaOptions, device: torch.device, threshold: float = 0.5
                       ) -> dict[str, AdaController]:
-    """One ADA controller per domain's discriminators (F2W's ``ada`` and ``ada2``), from the flags;
-    ``threshold`` is the GAN objective's real/fake boundary on D's logits."""
-    return {dom: AdaController(AugmentPipe(cfg.ada_pipeline, p=cfg.ada_p).to(device), target=cfg.ada_target,
-                               interval=cfg.ada_interval, kimg=cfg.ada_kimg,
-                               batch_size=cfg.batch_size * world_size, threshold=threshold)
+    """One ADA controller per domain's discriminators (F2W's ``ada`` and ``ada2``); ``threshold``
+    is the GAN objective's real/fake boundary on D's logits."""
+    return {dom: AdaController(AugmentPipe(options.pipeline, p=options.p).to(device), target=options.target,
+                               interval=options.interval, kimg=options.kimg, batch_size=options.batch_size,
+                               threshold=threshold)
             for dom in 'AB'}

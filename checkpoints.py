@@ -1,18 +1,37 @@
-"""A run's files on disk: where checkpoints go (PT's layout), which exist, and the newest loadable one.
+"""Every stored form of a model, in one place: a run's files (PT's layout, the run lock, the newest
+loadable checkpoint), training checkpoints and PT-format files, exports (config.json +
+safetensors), and reading any of them back into generators for inference.
 
-Its own module because both the trainer (save, resume) and the inference phases (find the newest
-checkpoint of a run) need it, and neither should carry the other's code.
+The functions take ``RunFiles``, modules and state dicts, never the trainer: the trainer owns its
+``state_dict()``/``load_state_dict()`` as ``nn.Module`` and optimizers do. Everything is read onto
+the CPU (see ``utils.load_checkpoint``); callers copy to the device what they need.
+
+    <run>/model/<dataset>_params_%07d.pt   training checkpoint: PT's six keys, EMA, optimizers, ...
+    <result_dir>/<dataset>_params_latest.pt PT's latest file
+    EXPORT/config.json                      architecture (model.ArchConfig) plus format, step, ema, dtype
+    EXPORT/A2B.safetensors, B2A.safetensors generator state dicts, PT's parameter names
 """
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+from torch import nn
+
 import utils
+from model import DIRECTIONS, ArchConfig, Translator, build_generator
+
+# PT's checkpoint keys and where each network lives: ('G', direction) or ('D', domain, scale).
+PT_KEYS = {'genA2B': ('G', 'A2B'), 'genB2A': ('G', 'B2A'), 'disGA': ('D', 'A', 'G'),
+           'disGB': ('D', 'B', 'G'), 'disLA': ('D', 'A', 'L'), 'disLB': ('D', 'B', 'L')}
+TRAINING_FORMAT = 'ugatit-pytorch/1'
 
 
 def step_of(path: Path) -> int:
@@ -181,57 +200,34 @@ def warn(message: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# The training state of a trainer (ugatit.UGATIT), as one weights_only-loadable dict
+# Training checkpoints: architecture records and the run they belong to
 
 
-def training_state(trainer) -> dict:
-    """The whole training state; PT's six keys first, so PT tools can read it."""
-    from model import PT_KEYS
-    state = {key: trainer.pt_module(key).state_dict() for key in PT_KEYS}
-    if trainer.ema is not None:
-        state.update({f'gen{name}_ema': ema.model.state_dict() for name, ema in trainer.ema.items()})
-    state.update({
-        'G_optim': trainer.G_optim.state_dict(), 'D_optim': trainer.D_optim.state_dict(),
-        'scaler': trainer.scaler.state_dict(), 'step': trainer.step, 'lr': trainer.lr_at(trainer.step),
-        'best_metric': trainer.best_metric, 'rng': utils.rng_state(),
-        'config': {**utils.config_to_dict(trainer.cfg), 'dataset_root': str(trainer.dataset_root)},
-        'format': 'ugatit-pytorch/1',
-    })
-    if trainer.ada is not None:
-        state['ada'] = {dom: ada.state_dict() for dom, ada in trainer.ada.items()}
-    return state
+def stored_arch(state: Mapping) -> ArchConfig | None:
+    """The architecture a checkpoint or export records; None for PT-format files, which record none."""
+    if isinstance(state.get('architecture'), Mapping):
+        return ArchConfig.from_dict(state['architecture'])
+    config = state.get('config')
+    if not isinstance(config, Mapping) or any(key not in config for key in ArchConfig.REQUIRED):
+        return None
+    return ArchConfig.from_dict(config)
 
 
-def restore_training_state(trainer, state: dict, *, weights_only: bool = False) -> list[str]:
-    """Restore a checkpoint (ours or PT's six-key format) into ``trainer``; returns notes for the user."""
-    from model import PT_KEYS, load_module
-    notes = []
-    for key in PT_KEYS:
-        if key not in state:
-            raise utils.UserError(f'checkpoint has no {key!r}: not a U-GAT-IT training checkpoint')
-        notes += load_module(trainer.pt_module(key), state[key], key)
-    if trainer.ema is not None:
-        for name, ema in trainer.ema.items():
-            ema.model.load_state_dict(state.get(f'gen{name}_ema', state[f'gen{name}']))
-    if weights_only:
-        return notes
-    if 'G_optim' in state:
-        trainer.G_optim.load_state_dict(state['G_optim'])
-        if notes:   # a new group head changed D's parameter list: its moments cannot be matched
-            notes.append('discriminator optimizer moments start fresh (new group head)')
-        else:
-            trainer.D_optim.load_state_dict(state['D_optim'])
-        if state.get('scaler'):   # an --amp off/bf16 run stores an empty (disabled) scaler: fp16 starts fresh
-            trainer.scaler.load_state_dict(state['scaler'])
-        utils.set_rng_state(state['rng'])
-    else:
-        notes.append('checkpoint without optimizer state (PT format or converted): optimizer moments start fresh')
-    if trainer.ada is not None and 'ada' in state:
-        for dom, ada in trainer.ada.items():
-            ada.load_state_dict(state['ada'][dom])
-    trainer.best_metric = state.get('best_metric', float('inf'))
-    trainer.step = int(state.get('step', 0))
-    return notes
+def load_module(module: nn.Module, weights: Mapping, key: str) -> list[str]:
+    """Load one network's weights; a missing few-shot group head is the only tolerated difference."""
+    try:
+        result = module.load_state_dict(weights, strict=False)
+    except RuntimeError as exc:   # shape mismatches
+        first = str(exc).split('\n\t')[1] if '\n\t' in str(exc) else str(exc)
+        raise utils.UserError(f'checkpoint {key} does not fit the model ({first.strip()}): pass the '
+                              f'architecture flags it was trained with') from None
+    # A baseline checkpoint has no few-shot group head: it is trained from scratch (as F2W does).
+    missing = [k for k in result.missing_keys if not k.startswith('group_fc.')]
+    if missing or result.unexpected_keys:
+        raise utils.UserError(
+            f'checkpoint {key} does not fit the model (missing {missing[:3]}, unexpected '
+            f'{result.unexpected_keys[:3]}): pass the architecture flags it was trained with')
+    return [f'{key}: new group head initialised'] if result.missing_keys else []
 
 
 # Architecture keys that may change on resume: adding F2W's group head to a baseline is the
@@ -239,15 +235,14 @@ def restore_training_state(trainer, state: dict, *, weights_only: bool = False) 
 RESUME_MAY_CHANGE = ('use_grouploss', 'groups')
 
 
-def architecture_clashes(state: dict, arch: dict) -> list[str]:
-    from model import arch_mismatches, stored_arch
+def architecture_clashes(state: Mapping, arch: ArchConfig) -> list[str]:
     stored = stored_arch(state)
     if stored is None:
         return []
-    return arch_mismatches(stored, arch, [k for k in stored if k not in RESUME_MAY_CHANGE])
+    return stored.mismatches(arch, [k for k in ArchConfig.keys() if k not in RESUME_MAY_CHANGE])
 
 
-def check_architecture(state: dict, arch: dict, source: Path | str) -> None:
+def check_architecture(state: Mapping, arch: ArchConfig, source: Path | str) -> None:
     """A checkpoint built with other architecture flags is a one-line error naming them."""
     clashes = architecture_clashes(state, arch)
     if clashes:
@@ -255,7 +250,7 @@ def check_architecture(state: dict, arch: dict, source: Path | str) -> None:
                               f'pass the checkpoint\'s values or use a new --result_dir')
 
 
-def belongs_to_run(state: dict, dataset_root: Path, arch: dict) -> bool:
+def belongs_to_run(state: Mapping, dataset_root: Path, arch: ArchConfig) -> bool:
     """PT's shared ``<dataset>_params_latest.pt`` may come from a run on another dataset folder of
     the same name, or with another architecture: such a file is never loaded for this run."""
     config = state.get('config')
@@ -265,44 +260,158 @@ def belongs_to_run(state: dict, dataset_root: Path, arch: dict) -> bool:
     return same_data and not architecture_clashes(state, arch)
 
 
-def resume(trainer) -> Path | None:
-    """Load the newest checkpoint of the trainer's run (weights, optimizers, RNG, EMA, ADA)."""
-    def ours(state: dict) -> bool:
-        return belongs_to_run(state, trainer.dataset_root, trainer.arch)
-
-    found = trainer.files.newest(accept=ours)
+def checkpoint_to_resume(files: RunFiles, dataset_root: Path, arch: ArchConfig) -> Loaded | None:
+    """The newest checkpoint of this run (None: there is none); another run's files sharing the
+    folder names are a one-line error saying why they are not used."""
+    found = files.newest(accept=lambda state: belongs_to_run(state, dataset_root, arch))
     if found is None:
-        other = trainer.files.newest()
-        if other is not None:   # only another run's files: say why they are not used
-            check_architecture(other.state, trainer.arch, other.path)
+        other = files.newest()
+        if other is not None:
+            check_architecture(other.state, arch, other.path)
             stored = other.state.get('config', {}).get('dataset_root')
-            raise utils.UserError(f'{other.path} belongs to a run on {stored}, not {trainer.dataset_root} (two '
+            raise utils.UserError(f'{other.path} belongs to a run on {stored}, not {dataset_root} (two '
                                   f'datasets with the same folder name): use another --result_dir for this one')
-        return None
-    for note in restore_training_state(trainer, found.state):
-        trainer.log(f'note: {note}')
-    trainer.step = found.step
-    return found.path
+    return found
 
 
-def start_step(trainer) -> int:
-    """1 for a fresh run, step + 1 after resuming; a fresh run never mixes with an old one."""
-    cfg = trainer.cfg
-    if cfg.resume:
-        path = resume(trainer)
-        if path is not None:
-            trainer.log(f'resumed from {path} at step {trainer.step}')
-            return trainer.step + 1
-        trainer.log(f'no checkpoint in {trainer.files.model_dir}: starting from scratch')
-        return 1
-    files = trainer.files
-    existing = files.existing_run() if trainer.dist.is_main else []
-    if existing and cfg.overwrite:
-        trainer.log(f'--overwrite: moved the earlier run to {files.archive()}')
-    elif existing:
+def clear_for_fresh_run(files: RunFiles, overwrite: bool) -> Path | None:
+    """A fresh run never mixes with an old one: refuse, or (``overwrite``) move the old run aside
+    and return where it went."""
+    existing = files.existing_run()
+    if existing and overwrite:
+        return files.archive()
+    if existing:
         more = ' and more' if len(existing) > 1 else ''
         raise utils.UserError(
             f'{files.run_dir} already holds a run ({existing[0]}{more}): continue it with --resume True, start a '
             f'separate one with another --result_dir, or pass --overwrite True to move the old run aside')
-    trainer.dist.barrier()
-    return 1
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Exports: config.json and the two generators as safetensors (no pickle)
+
+EXPORT_FORMAT = 'ugatit-export/1'
+CONFIG_NAME = 'config.json'
+
+
+def is_export(path: str | Path) -> bool:
+    """True for a folder written by :func:`write_export` (it holds config.json)."""
+    return Path(path).is_dir() and (Path(path) / CONFIG_NAME).is_file()
+
+
+def write_export(generators: Mapping[str, nn.Module], arch: ArchConfig, out: str | Path, *, fp16: bool = False,
+                 metadata: Mapping | None = None) -> list[Path]:
+    """Write config.json and <direction>.safetensors for both generators; returns the paths."""
+    from safetensors.torch import save_file
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    dtype = torch.float16 if fp16 else torch.float32
+    paths = []
+    for d in DIRECTIONS:
+        tensors = {name: t.detach().to('cpu', dtype if t.is_floating_point() else t.dtype).contiguous()
+                   for name, t in generators[d.name].state_dict().items()}
+        path = out / f'{d.name}.safetensors'
+        save_file(tensors, str(path), metadata={'format': EXPORT_FORMAT, 'direction': d.name})
+        paths.append(path)
+    config = {'format': EXPORT_FORMAT, **arch.to_dict(), **dict(metadata or {}),
+              'dtype': str(dtype).removeprefix('torch.')}
+    config_path = out / CONFIG_NAME
+    config_path.write_text(json.dumps(utils.config_to_dict(config), indent=2) + '\n')
+    return [config_path, *paths]
+
+
+def read_export(folder: str | Path) -> dict:
+    """An export as a checkpoint-shaped dict on the CPU: genA2B, genB2A (float32 state dicts) and its
+    config. Inference then loads it like a generator-only training checkpoint; a clear UserError
+    when a file is missing or unreadable."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    try:
+        config = json.loads((folder / CONFIG_NAME).read_text())
+    except (OSError, ValueError) as exc:
+        raise utils.UserError(f'{folder / CONFIG_NAME}: cannot read the export config ({exc})') from None
+    if config.get('format') != EXPORT_FORMAT:
+        raise utils.UserError(f'{folder} is not a U-GAT-IT export (config.json format {config.get("format")!r}, '
+                              f'expected {EXPORT_FORMAT!r}); write one with scripts/export.py')
+    state: dict = {'config': config, 'step': int(config.get('step', 0)), 'format': EXPORT_FORMAT}
+    for d in DIRECTIONS:
+        path = folder / f'{d.name}.safetensors'
+        try:
+            weights = load_file(str(path), device='cpu')
+        except (OSError, SafetensorError) as exc:
+            raise utils.UserError(f'{path}: cannot read the exported weights ({exc})') from None
+        state[d.key] = {name: t.float() if t.is_floating_point() else t for name, t in weights.items()}
+    return state
+
+
+# ----------------------------------------------------------------------------------------------
+# Any stored form, back into generators for inference
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """A checkpoint file's contents (or an export folder's, shaped like one) on the CPU, or a
+    one-line UserError saying why it cannot be read."""
+    path = Path(path)
+    if is_export(path):
+        return read_export(path)
+    if path.is_dir():
+        raise utils.UserError(f'{path} is a folder without {CONFIG_NAME}: pass a checkpoint file or a '
+                              f'folder written by scripts/export.py')
+    if not path.is_file():
+        raise utils.UserError(f'checkpoint {path} not found')
+    try:
+        # Mapped, not read: inference needs only the generators of the (up to 10 GB) training state.
+        state = utils.load_checkpoint(path, mmap=True)
+    except utils.UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure is reported on one line
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise utils.UserError(f'cannot load checkpoint {path}: {reason[:200]}') from None
+    if not isinstance(state, dict) or any(d.key not in state for d in DIRECTIONS):
+        raise utils.UserError(f'{path} is not a U-GAT-IT checkpoint (no genA2B/genB2A weights)')
+    return state
+
+
+def resolve_arch(state: Mapping, flags: object | None, explicit: object = ()) -> ArchConfig:
+    """The architecture to build for ``state``: the stored one, checked against the flags the user
+    gave explicitly (a contradiction is a one-line error naming both values); PT-format files,
+    which store none, take the flags."""
+    arch = stored_arch(state)
+    if arch is None:
+        if flags is None:
+            raise utils.UserError('this checkpoint records no architecture (PT format): pass its flags '
+                                  '(--light, --ch, --n_res, --img_size, ...)')
+        return ArchConfig.from_flags(flags)
+    if flags is not None:
+        given = {key for key in ArchConfig.keys()
+                 if any(name in explicit for name in ArchConfig.DERIVED_FROM.get(key, (key,)))}
+        clashes = arch.mismatches(ArchConfig.from_flags(flags), given)
+        if clashes:
+            raise utils.UserError(f'{"; ".join(clashes)}: the checkpoint was trained with a different '
+                                  f'architecture; drop the flag (it is read from the checkpoint)')
+    return arch
+
+
+def load_translator(path: str | Path, device: torch.device | str = 'cpu', use_ema: bool = True,
+                    flags: object | None = None, explicit: object = (),
+                    compile: bool = False) -> tuple[Translator, dict]:
+    """Build the generators a checkpoint (or an export folder) describes and load its weights (EMA
+    copies when present and ``use_ema``). Returns the translator and the checkpoint's contents
+    (step, config, ...; ``uses_ema`` says whether the generators are EMA copies)."""
+    state = read_checkpoint(path)   # CPU: only the two generators go to the device
+    arch = resolve_arch(state, flags, explicit)
+    generators = {}
+    for d in DIRECTIONS:
+        net = build_generator(arch)
+        weights = state.get(f'{d.key}_ema') if use_ema and f'{d.key}_ema' in state else state[d.key]
+        load_module(net, weights, d.key)
+        net = net.to(device).eval().requires_grad_(False)
+        generators[d.name] = torch.compile(net) if compile else net
+    state['has_ema'] = all(f'{d.key}_ema' in state for d in DIRECTIONS)
+    # An export holds one pair of generators; its config says whether they are the EMA copies.
+    exported_ema = state.get('format') == EXPORT_FORMAT and bool(state['config'].get('ema'))
+    state['uses_ema'] = use_ema and state['has_ema'] or exported_ema
+    return Translator(generators, arch, device), state

@@ -15,6 +15,7 @@ process group reaches only the main process's clean stop.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import io
@@ -24,6 +25,7 @@ import signal
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -37,10 +39,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
 import utils
-from images import (  # noqa: F401 - re-exported: dataset.find_images etc. are the data API
-    _DECODE_ERRORS,
-    _WARNED,
-    IMG_EXTENSIONS,
+from images import (
     LAYOUT,
     DatasetError,
     UnreadableImage,
@@ -703,11 +702,31 @@ def build_test_loader(folder: Path, img_size: int, batch_size: int = 1, num_work
                       num_workers=num_workers, collate_fn=_collate_named, worker_init_fn=ignore_stop_signals)
 
 
-def train_stream(cfg, root: Path, start: int, dist_ctx, pin_memory: bool = False) -> TrainStream:
-    """The training batches the flags describe, from step ``start`` on (EN's blur images are made
-    once by rank 0 and cached next to the data)."""
+@dataclass(frozen=True)
+class StreamOptions:
+    """What the training stream is made of (the data flags): ``build_train_stream``'s keywords."""
+
+    img_size: int
+    batch_size: int
+    seed: int
+    num_workers: int = 0
+    aug_prob: float = 0.0
+    match_histograms: bool = False
+    match_mode: str = 'hsl'
+    match_prob: float = 0.5
+    match_ratio: float = 1.0
+    groups: list[int] | None = None
+    group_sampling: str = 'round_robin'
+    augment_flag: bool | None = None
+    paired: bool = False
+    blur: bool = False   # EN's --has_blur: edge-blurred real images, made once next to the data
+
+
+def train_stream(root: Path, options: StreamOptions, start: int, dist_ctx, pin_memory: bool = False) -> TrainStream:
+    """The training batches ``options`` describe, from step ``start`` on, this rank's share (EN's
+    blur images are made once by rank 0 and cached next to the data)."""
     blur_root = None
-    if cfg.has_blur:
+    if options.blur:
         if dist_ctx.is_main:
             for dom in 'AB':
                 written = make_blur_images(root / f'train{dom}', root / f'blur{dom}')
@@ -715,9 +734,6 @@ def train_stream(cfg, root: Path, start: int, dist_ctx, pin_memory: bool = False
                     print(f'wrote {written} blurred images to {root / f"blur{dom}"}', file=sys.stderr)
         dist_ctx.barrier()
         blur_root = root
-    return build_train_stream(
-        root, cfg.img_size, cfg.batch_size, cfg.seed, start_step=start, rank=dist_ctx.rank,
-        world_size=dist_ctx.world_size, num_workers=cfg.num_workers, pin_memory=pin_memory, aug_prob=cfg.aug_prob,
-        match_histograms=cfg.match_histograms, match_mode=cfg.match_mode, match_prob=cfg.match_prob,
-        match_ratio=cfg.match_ratio, blur_root=blur_root, groups=cfg.groups, group_sampling=cfg.group_sampling,
-        augment_flag=cfg.augment_flag, paired=cfg.paired)
+    kwargs = {key: value for key, value in dataclasses.asdict(options).items() if key != 'blur'}
+    return build_train_stream(root, **kwargs, start_step=start, rank=dist_ctx.rank, world_size=dist_ctx.world_size,
+                              pin_memory=pin_memory, blur_root=blur_root)

@@ -28,9 +28,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-import dataset as data
-import sizing
+import checkpoints
+import images
+import options
 import utils
+from inference import sizing
 
 REPO = Path(__file__).resolve().parent
 DEFAULT_EXAMPLES = (REPO / 'dataset' / 'demo' / 'testA', REPO / 'dataset' / 'demo' / 'testB')
@@ -67,7 +69,7 @@ class DemoModel:
     def __init__(self, translator, max_size: int) -> None:
         self.translator = translator
         self.max_size = max_size
-        self.keep_size = not sizing.is_full(translator.arch['light'])
+        self.keep_size = not translator.arch.is_full
         self._aligner = None
 
     def __call__(self, path: str | None, direction: str, align: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -83,8 +85,8 @@ class DemoModel:
         if not path:
             raise utils.UserError('Upload a photo or take one with the webcam first.')
         try:
-            image = data.load_rgb(path)
-        except data.DatasetError as exc:
+            image = images.load_rgb(path)
+        except images.DatasetError as exc:
             raise utils.UserError(str(exc)) from None
         start = time.perf_counter()
         result = self.translate_faces(image, direction) if align else \
@@ -94,7 +96,7 @@ class DemoModel:
 
     def translate_faces(self, image: Image.Image, direction: str) -> tuple[np.ndarray, np.ndarray]:
         """Align every face, translate it at img_size and paste it back; heatmap of the largest face."""
-        size = self.translator.arch['img_size']
+        size = self.translator.arch.img_size
         heatmaps = []
 
         def translate_crop(crop: np.ndarray) -> np.ndarray:
@@ -121,7 +123,7 @@ def example_images(sources: list[Path] | None, per_folder: int = 2) -> list[tupl
     for source in sources if sources is not None else [p for p in DEFAULT_EXAMPLES if p.is_dir()]:
         source = Path(source)
         direction = 'B2A' if source.is_dir() and source.name.endswith('B') else 'A2B'
-        files = data.find_images(source)[:per_folder] if source.is_dir() else [source]
+        files = images.find_images(source)[:per_folder] if source.is_dir() else [source]
         found += [(path, direction) for path in files]
     return found
 
@@ -136,7 +138,7 @@ def build_page(model: DemoModel, examples: list[tuple[Path, str]], title: str):
     import gradio as gr
     arch = model.translator.arch
     size_note = (f'Light model: translated at the photo\'s own size (long side at most {model.max_size} px).'
-                 if model.keep_size else f'Full model: translated at {arch["img_size"]}x{arch["img_size"]} px.')
+                 if model.keep_size else f'Full model: translated at {arch.img_size}x{arch.img_size} px.')
     with gr.Blocks(title=title, analytics_enabled=False) as page:
         gr.Markdown(f'## {title}\nUpload a photo or use the webcam, choose the direction and press '
                     f'**Translate**. {size_note}')
@@ -163,16 +165,14 @@ def build_page(model: DemoModel, examples: list[tuple[Path, str]], title: str):
 def load_model(checkpoint: str, device: str, use_ema: bool, model_flags: list[str] = ()):
     """A model.Translator from a training checkpoint or an export folder (one-line errors);
     ``model_flags``: main.py's model flags, for PT-format checkpoints only."""
-    import main
-    import model
-    flags, explicit = main.architecture_flags(list(model_flags))
-    translator, state = model.load_translator(checkpoint, device, use_ema=use_ema, flags=flags, explicit=explicit)
+    flags, explicit = options.architecture_flags(list(model_flags))
+    translator, state = checkpoints.load_translator(checkpoint, device, use_ema=use_ema, flags=flags, explicit=explicit)
     if not use_ema and state['uses_ema']:
         raise utils.UserError(f'--no_ema: {checkpoint} holds only the EMA generators (an export); export the raw '
                               f'ones with scripts/export.py --no_ema, or pass the training checkpoint')
     weights = 'EMA' if state.get('uses_ema') else 'raw'
     print(f'loaded {checkpoint} (step {state.get("step", "?")}, {weights} generators, '
-          f'{translator.arch["img_size"]} px, {"light" if not sizing.is_full(translator.arch["light"]) else "full"})',
+          f'{translator.arch.img_size} px, {"full" if translator.arch.is_full else "light"})',
           file=sys.stderr)
     return translator
 

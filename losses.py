@@ -377,21 +377,37 @@ def group_classification_loss(outputs: Sequence[DiscriminatorOutput], labels: to
     return sum(F.cross_entropy(out.group_logit.float(), labels) for out in outputs)
 
 
-def build_generator_terms(cfg, device: torch.device) -> list:
-    """The optional generator loss terms the flags switch on (each a small object: name, weight, call)."""
+@dataclass(frozen=True)
+class GeneratorTermOptions:
+    """The optional generator loss terms' flags: each term is on when its weight is positive."""
+
+    face_distance_weight: float = 0.0      # FN's FaceNet identity term
+    facenet_weights: str | None = None
+    facenet_pretrained: str | None = None
+    facenet_checkpoint_dir: str | None = None
+    seg_fix_weight: float = -1.0           # EN's background L1 (needs face masks)
+    tv_weight: float = 0.0
+    pair_weight: float = 0.0
+    group_loss: bool = False               # F2W's --use_grouploss
+    group_weight: float = 1.0
+
+
+def build_generator_terms(options: GeneratorTermOptions, device: torch.device) -> list:
+    """The generator loss terms ``options`` switch on (each a small object: name, weight, call)."""
     terms: list = []
-    if cfg.face_distance_weight > 0:
-        from faceseg.facenet import FaceIdentity, load_facenet
-        net = load_facenet(cfg.facenet_weights, cfg.facenet_pretrained, cfg.facenet_checkpoint_dir, device)
-        terms.append(FaceDistanceTerm(FaceIdentity(net).to(device), cfg.face_distance_weight))
-    if cfg.seg_fix_weight > 0:
-        terms.append(BackgroundL1Term(cfg.seg_fix_weight))
-    if cfg.tv_weight > 0:
-        terms.append(TotalVariationTerm(cfg.tv_weight))
-    if cfg.pair_weight > 0:
-        terms.append(PairTerm(cfg.pair_weight))
-    if cfg.use_grouploss:
-        terms.append(GroupTerm(cfg.group_weight, 'A2B'))
+    if options.face_distance_weight > 0:
+        from faceseg.facenet import FaceIdentity, load_facenet  # facenet-pytorch: only when asked for
+        net = load_facenet(options.facenet_weights, options.facenet_pretrained, options.facenet_checkpoint_dir,
+                           device)
+        terms.append(FaceDistanceTerm(FaceIdentity(net).to(device), options.face_distance_weight))
+    if options.seg_fix_weight > 0:
+        terms.append(BackgroundL1Term(options.seg_fix_weight))
+    if options.tv_weight > 0:
+        terms.append(TotalVariationTerm(options.tv_weight))
+    if options.pair_weight > 0:
+        terms.append(PairTerm(options.pair_weight))
+    if options.group_loss:
+        terms.append(GroupTerm(options.group_weight, 'A2B'))
     return terms
 
 

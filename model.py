@@ -1,70 +1,110 @@
-"""The model a config describes, and a trained model loaded for inference.
+"""What the model is: its architecture (a typed, frozen config), the two translation directions,
+the network builders and a trained pair of generators applied for inference. No disk I/O: every
+stored form (training checkpoints, PT-format files, exports) is ``checkpoints.py``'s.
 
 Inference (the test/img_dir/video phases, export, the demo) needs only the two generators and the
-architecture they were trained with, and a checkpoint stores both. This module owns that step, so
-no inference path builds a discriminator, FaceNet or an optimizer, or needs the training data, and
-no architecture flag has to be repeated by hand (a light/full mismatch was the most reported
-"load failure" of the official code).
+architecture they were trained with, and a checkpoint stores both, so no inference path builds a
+discriminator, FaceNet or an optimizer, and no architecture flag has to be repeated by hand (a
+light/full mismatch was the most reported "load failure" of the official code).
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable, Mapping
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-import exports
 import utils
 from networks import PT, Arch, Discriminator, GeneratorOutput, ResnetGenerator
 
-# The config fields that define the networks' shapes and function. Every checkpoint stores them
-# (state['config']); inference rebuilds the networks from them.
-ARCH_KEYS = ('light', 'ch', 'n_res', 'img_size', 'img_ch', 'use_se', 'attention_gan', 'attention_input',
-             'use_deconv', 'sn', 'cam_D_attention', 'cam_D_weight', 'n_global_dis', 'n_local_dis',
-             'use_grouploss', 'groups', 'arch', 'tf_graph', 'smoothing')
 
-# Command-line spelling of a key where it differs from ``--<key>``.
-FLAG_NAMES = {'groups': '--group'}
+@dataclass(frozen=True)
+class ArchConfig:
+    """The flags that define the networks' shapes and function, with PT's defaults.
 
-# Derived keys: given on the command line through another flag.
-DERIVED_FROM = {'n_global_dis': ('n_global_dis', 'n_dis'), 'n_local_dis': ('n_local_dis', 'n_dis')}
+    Stored in every training checkpoint and export (:meth:`to_dict`) and read back from any of
+    them, older ones included (:meth:`from_dict` fills keys that did not exist yet with the value
+    that older releases implied).
+    """
 
-PT_KEYS = {'genA2B': ('G', 'A2B'), 'genB2A': ('G', 'B2A'), 'disGA': ('D', 'A', 'G'),
-           'disGB': ('D', 'B', 'G'), 'disLA': ('D', 'A', 'L'), 'disLB': ('D', 'B', 'L')}
-GENERATOR_KEYS = {'A2B': 'genA2B', 'B2A': 'genB2A'}
+    light: bool | int = False          # PT's bool, or EN's k×k pooled MLP input (k > 1; <= 0: full)
+    ch: int = 64
+    n_res: int = 4
+    img_size: int = 256
+    img_ch: int = 3
+    use_se: bool = False
+    attention_gan: int = 0
+    attention_input: bool = False
+    use_deconv: bool = False
+    sn: bool = True
+    cam_D_attention: bool = True
+    cam_D_weight: float = 1.0
+    n_global_dis: int = 7
+    n_local_dis: int = 5
+    use_grouploss: bool = False
+    groups: tuple[int, ...] | None = None
+    arch: str = 'pt'                   # the official graph: 'pt' or 'tf'
+    tf_graph: str | None = None
+    smoothing: bool = False
 
+    # Keys a config must hold to describe a model at all (PT-format files store no config).
+    REQUIRED = ('light', 'ch', 'n_res', 'img_size')
+    # Command-line spelling where it differs from ``--<key>``, and keys set through another flag.
+    FLAG_NAMES = {'groups': '--group'}
+    DERIVED_FROM = {'n_global_dis': ('n_global_dis', 'n_dis'), 'n_local_dis': ('n_local_dis', 'n_dis')}
 
-# Values of keys that configs written before the key existed lack.
-ARCH_DEFAULTS = {'arch': 'pt', 'tf_graph': None, 'smoothing': False}
+    def __post_init__(self) -> None:
+        if self.groups is not None and not isinstance(self.groups, tuple):
+            object.__setattr__(self, 'groups', tuple(self.groups))   # JSON and torch give lists back
 
+    @classmethod
+    def keys(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
 
-def arch_config(cfg) -> dict:
-    """The architecture part of a config (an argparse namespace or a dict)."""
-    get = cfg.get if isinstance(cfg, dict) else lambda key, default=None: getattr(cfg, key, default)
-    return {key: get(key, ARCH_DEFAULTS.get(key)) for key in ARCH_KEYS}
+    @classmethod
+    def from_dict(cls, values: Mapping) -> ArchConfig:
+        """From any mapping holding (some of) the keys: a whole config, a checkpoint's or export's."""
+        return cls(**{key: values[key] for key in cls.keys() if values.get(key) is not None})
 
+    @classmethod
+    def from_flags(cls, flags: object) -> ArchConfig:
+        """From parsed flags (an argparse Namespace) or a config dict."""
+        return cls.from_dict(flags if isinstance(flags, Mapping) else vars(flags))
 
-def flag_name(key: str) -> str:
-    return FLAG_NAMES.get(key, f'--{key}')
+    def to_dict(self) -> dict:
+        """Plain JSON values (groups as a list)."""
+        out = dataclasses.asdict(self)
+        out['groups'] = list(self.groups) if self.groups is not None else None
+        return out
 
+    @property
+    def network(self) -> Arch:
+        """The official graph the networks reproduce (--arch, --tf_graph, --smoothing)."""
+        return Arch('tf', self.tf_graph or 'current', bool(self.smoothing)) if self.arch == 'tf' else PT
 
-def _same(a: object, b: object) -> bool:
-    if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):   # JSON/torch give lists back
-        return list(a or []) == list(b or [])
-    return a == b
+    @property
+    def is_full(self) -> bool:
+        """PT's full model (light False) or EN's -1/0: the MLP input is the whole feature map."""
+        return self.light is False or (not isinstance(self.light, bool) and int(self.light) <= 0)
 
+    @classmethod
+    def flag_name(cls, key: str) -> str:
+        return cls.FLAG_NAMES.get(key, f'--{key}')
 
-def arch_mismatches(stored: Mapping, wanted: Mapping, keys: object = None) -> list[str]:
-    """``'--light True (checkpoint: False)'`` for each key (of ``keys``, default all) that differs."""
-    out = []
-    for key in ARCH_KEYS:
-        if keys is not None and key not in keys or key not in stored or key not in wanted:
-            continue
-        if not _same(stored[key], wanted[key]):
-            out.append(f'{flag_name(key)} {_show(wanted[key])} (checkpoint: {_show(stored[key])})')
-    return out
+    def mismatches(self, wanted: ArchConfig, keys: object = None) -> list[str]:
+        """``'--light True (checkpoint: False)'`` for each key (of ``keys``, default all) where
+        ``wanted`` differs from this (stored) config."""
+        out = []
+        for key in self.keys():
+            if keys is not None and key not in keys:
+                continue
+            stored, asked = getattr(self, key), getattr(wanted, key)
+            if stored != asked:
+                out.append(f'{self.flag_name(key)} {_show(asked)} (checkpoint: {_show(stored)})')
+        return out
 
 
 def _show(value: object) -> str:
@@ -73,57 +113,49 @@ def _show(value: object) -> str:
     return str(value)
 
 
+@dataclass(frozen=True)
+class Direction:
+    """One translation direction: its generator, the reverse one, and the domains involved."""
+
+    name: str
+    source: str
+    target: str
+
+    @property
+    def backward(self) -> str:
+        return f'{self.target}2{self.source}'
+
+    @property
+    def key(self) -> str:
+        """The generator's key in the official checkpoints (``genA2B``)."""
+        return f'gen{self.name}'
+
+
+DIRECTIONS = (Direction('A2B', 'A', 'B'), Direction('B2A', 'B', 'A'))
+DIRECTION = {d.name: d for d in DIRECTIONS}
+
+
 # ----------------------------------------------------------------------------------------------
 # Building the networks
 
 
-def network_arch(arch: Mapping | object) -> Arch:
-    """The official graph an architecture config asks for (--arch, --tf_graph, --smoothing); configs
-    from before --arch existed mean PT."""
-    arch = arch_config(arch)
-    if arch['arch'] != 'tf':
-        return PT
-    return Arch('tf', arch['tf_graph'] or 'current', bool(arch['smoothing']))
+def build_generator(arch: ArchConfig) -> ResnetGenerator:
+    """A generator as the architecture describes it; networks never see a config, only arguments."""
+    return ResnetGenerator(arch.img_ch, arch.img_ch, ngf=arch.ch, n_blocks=arch.n_res, img_size=arch.img_size,
+                           light=arch.light, use_se=arch.use_se, attention_gan=arch.attention_gan,
+                           attention_input=arch.attention_input, use_deconv=arch.use_deconv, arch=arch.network)
 
 
-def build_generator(arch: Mapping | object) -> ResnetGenerator:
-    """A generator as the architecture config (or a whole config) describes it; networks never see
-    the config, only plain arguments."""
-    arch = arch_config(arch)
-    return ResnetGenerator(arch['img_ch'], arch['img_ch'], ngf=arch['ch'], n_blocks=arch['n_res'],
-                           img_size=arch['img_size'], light=arch['light'], use_se=arch['use_se'],
-                           attention_gan=arch['attention_gan'], attention_input=arch['attention_input'],
-                           use_deconv=arch['use_deconv'], arch=network_arch(arch))
-
-
-def build_critic(arch: Mapping | object, domain: str) -> nn.ModuleDict:
+def build_critic(arch: ArchConfig, domain: str) -> nn.ModuleDict:
     """The global ('G') and local ('L') discriminators of one domain; group heads on the target."""
-    arch = arch_config(arch)
-    groups = arch.get('groups') or []
-    n_groups = max(groups) + 1 if arch.get('use_grouploss') and domain == 'B' and groups else 0
+    groups = arch.groups or ()
+    n_groups = max(groups) + 1 if arch.use_grouploss and domain == 'B' and groups else 0
 
     def make(n_layers: int) -> Discriminator:
-        return Discriminator(arch['img_ch'], ndf=arch['ch'], n_layers=n_layers, sn=arch['sn'],
-                             cam_attention=arch['cam_D_attention'] and arch['cam_D_weight'] > 0,
-                             n_groups=n_groups, arch=network_arch(arch))
-    return nn.ModuleDict({'G': make(arch['n_global_dis']), 'L': make(arch['n_local_dis'])})
-
-
-def load_module(module: nn.Module, weights: Mapping, key: str) -> list[str]:
-    """Load one network's weights; a missing few-shot group head is the only tolerated difference."""
-    try:
-        result = module.load_state_dict(weights, strict=False)
-    except RuntimeError as exc:   # shape mismatches
-        first = str(exc).split('\n\t')[1] if '\n\t' in str(exc) else str(exc)
-        raise utils.UserError(f'checkpoint {key} does not fit the model ({first.strip()}): pass the '
-                              f'architecture flags it was trained with') from None
-    # A baseline checkpoint has no few-shot group head: it is trained from scratch (as F2W does).
-    missing = [k for k in result.missing_keys if not k.startswith('group_fc.')]
-    if missing or result.unexpected_keys:
-        raise utils.UserError(
-            f'checkpoint {key} does not fit the model (missing {missing[:3]}, unexpected '
-            f'{result.unexpected_keys[:3]}): pass the architecture flags it was trained with')
-    return [f'{key}: new group head initialised'] if result.missing_keys else []
+        return Discriminator(arch.img_ch, ndf=arch.ch, n_layers=n_layers, sn=arch.sn,
+                             cam_attention=arch.cam_D_attention and arch.cam_D_weight > 0,
+                             n_groups=n_groups, arch=arch.network)
+    return nn.ModuleDict({'G': make(arch.n_global_dis), 'L': make(arch.n_local_dis)})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -133,16 +165,16 @@ def load_module(module: nn.Module, weights: Mapping, key: str) -> list[str]:
 class Translator:
     """The two generators of a trained model, applied in eval mode without autograd."""
 
-    def __init__(self, generators: Mapping[str, nn.Module], arch: Mapping, device: torch.device | str,
+    def __init__(self, generators: Mapping[str, nn.Module], arch: ArchConfig, device: torch.device | str,
                  autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> None:
         self.generators = dict(generators)
-        self.arch = dict(arch)
+        self.arch = arch
         self.device = torch.device(device)
         self.autocast = autocast
 
     @property
     def img_size(self) -> int:
-        return int(self.arch['img_size'])
+        return self.arch.img_size
 
     @torch.no_grad()
     def translate(self, images: torch.Tensor, direction: str) -> GeneratorOutput:
@@ -159,7 +191,7 @@ class Translator:
     def visual_columns(self, real: torch.Tensor, direction: str) -> list[list]:
         """PT's 7 rows per image: real, identity heatmap, identity, translation heatmap, translation,
         cycle heatmap, cycle (plus one row per attention mask with --attention_gan)."""
-        backward = direction[::-1]   # 'A2B' -> 'B2A'
+        backward = DIRECTION[direction].backward
         size = self.img_size
         fwd = self.translate(real, direction)
         idt = self.translate(real, backward)
@@ -174,80 +206,3 @@ class Translator:
                 col += [utils.heatmap_to_uint8(a[None], size) for a in fwd.attention[i]]
             columns.append(col)
         return columns
-
-
-def read_checkpoint(path: str | Path) -> dict:
-    """A checkpoint file's contents (or an export folder's, shaped like one) on the CPU, or a
-    one-line UserError saying why it cannot be read."""
-    path = Path(path)
-    if exports.is_export(path):
-        return exports.read_export(path)
-    if path.is_dir():
-        raise utils.UserError(f'{path} is a folder without {exports.CONFIG_NAME}: pass a checkpoint file or a '
-                              f'folder written by scripts/export.py')
-    if not path.is_file():
-        raise utils.UserError(f'checkpoint {path} not found')
-    try:
-        # Mapped, not read: inference needs only the generators of the (up to 10 GB) training state.
-        state = utils.load_checkpoint(path, mmap=True)
-    except utils.UserError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - any failure is reported on one line
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise utils.UserError(f'cannot load checkpoint {path}: {reason[:200]}') from None
-    if not isinstance(state, dict) or 'genA2B' not in state or 'genB2A' not in state:
-        raise utils.UserError(f'{path} is not a U-GAT-IT checkpoint (no genA2B/genB2A weights)')
-    return state
-
-
-def stored_arch(state: Mapping) -> dict | None:
-    """The architecture a checkpoint records; None for PT-format files, which record none."""
-    config = state.get('config')
-    if not isinstance(config, Mapping) or any(key not in config for key in ('light', 'ch', 'n_res', 'img_size')):
-        return None
-    defaults = {'img_ch': 3, 'use_se': False, 'attention_gan': 0, 'attention_input': False, 'use_deconv': False,
-                'sn': True, 'cam_D_attention': True, 'cam_D_weight': 1.0, 'n_global_dis': 7, 'n_local_dis': 5,
-                'use_grouploss': False, 'groups': None, **ARCH_DEFAULTS}
-    return {key: config.get(key, defaults.get(key)) for key in ARCH_KEYS}
-
-
-def resolve_arch(state: Mapping, flags: Mapping | None, explicit: object = ()) -> dict:
-    """The architecture to build for ``state``: the stored one, checked against the flags the user
-    gave explicitly (a contradiction is a one-line error naming both values); PT-format files,
-    which store none, take the flags."""
-    arch = stored_arch(state)
-    if arch is None:
-        if flags is None:
-            raise utils.UserError('this checkpoint records no architecture (PT format): pass its flags '
-                                  '(--light, --ch, --n_res, --img_size, ...)')
-        return arch_config(flags)
-    if flags is not None:
-        given = {key for key in ARCH_KEYS if any(name in explicit for name in DERIVED_FROM.get(key, (key,)))}
-        clashes = arch_mismatches(arch, arch_config(flags), given)
-        if clashes:
-            raise utils.UserError(f'{"; ".join(clashes)}: the checkpoint was trained with a different '
-                                  f'architecture; drop the flag (it is read from the checkpoint)')
-    return arch
-
-
-def load_translator(path: str | Path, device: torch.device | str = 'cpu', use_ema: bool = True,
-                    flags: Mapping | object | None = None, explicit: object = (),
-                    compile: bool = False) -> tuple[Translator, dict]:
-    """Build the generators a checkpoint (or an export folder) describes and load its weights (EMA
-    copies when present and ``use_ema``). Returns the translator and the checkpoint's contents
-    (step, config, ...; ``uses_ema`` says whether the generators are EMA copies)."""
-    state = read_checkpoint(path)   # CPU: only the two generators go to the device
-    flag_dict = None if flags is None else (dict(flags) if isinstance(flags, Mapping) else vars(flags))
-    arch = resolve_arch(state, flag_dict, explicit)
-    generators = {}
-    for direction, key in GENERATOR_KEYS.items():
-        net = build_generator(arch)
-        weights = state.get(f'{key}_ema') if use_ema and f'{key}_ema' in state else state[key]
-        load_module(net, weights, key)
-        net = net.to(device).eval().requires_grad_(False)
-        generators[direction] = torch.compile(net) if compile else net
-    state['has_ema'] = all(f'{k}_ema' in state for k in GENERATOR_KEYS.values())
-    # An export holds one pair of generators; its config says whether they are the EMA copies.
-    exported_ema = state.get('format') == exports.FORMAT and bool(state['config'].get('ema'))
-    state['uses_ema'] = use_ema and state['has_ema'] or exported_ema
-    return Translator(generators, arch, device), state

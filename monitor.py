@@ -6,13 +6,14 @@ loss means, preview columns and metric results, and it writes them.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 import dataset as data
 import utils
-from ugatit import DIRECTIONS
+from model import DIRECTIONS, Direction
 
 # FN's TensorBoard names for its face-distance curves, written too so its dashboards keep working.
 # FN (a TF fork) names generators by the domain they produce: G_A is B→A.
@@ -47,24 +48,13 @@ class TrainingMonitor:
             if key in FN_TAG_ALIASES:
                 self.writer.add_scalar(FN_TAG_ALIASES[key], value, step)
 
-    @staticmethod
-    def trainer_scalars(trainer, step: int) -> dict[str, float]:
-        """Learning rate, ρ statistics and ADA state of a trainer, logged with the losses."""
-        values = {'lr': trainer.lr_at(step)}
-        for name, g in trainer.G.items():
-            rhos = torch.cat([m.rho.detach().flatten() for m in g.modules() if hasattr(m, 'rho')])
-            values.update({f'rho/{name}_mean': rhos.mean().item(), f'rho/{name}_min': rhos.min().item(),
-                           f'rho/{name}_max': rhos.max().item()})
-        for dom, ada in (trainer.ada or {}).items():
-            values.update({f'ADA/p_{dom}': float(ada.p), f'ADA/rt_{dom}': float(ada.rt)})
-        return values
-
-    def previews(self, trainer, step: int) -> None:
-        """PT's A2B/B2A grids (plus _ema ones) as ``img/<name>_<step>.png`` and TensorBoard images."""
-        variants = [(False, '')] + ([(True, '_ema')] if trainer.ema is not None else [])
+    def previews(self, step: int, columns: Callable[[torch.Tensor, Direction, bool], list], ema: bool) -> None:
+        """PT's A2B/B2A grids (plus _ema ones) as ``img/<name>_<step>.png`` and TensorBoard images;
+        ``columns(images, direction, use_ema)`` gives each preview column's tiles."""
+        variants = [(False, '')] + ([(True, '_ema')] if ema else [])
         for d in DIRECTIONS:
             for use_ema, suffix in variants:
-                image = utils.grid(trainer.visual_columns(self.samples[d.source], d, use_ema))
+                image = utils.grid(columns(self.samples[d.source], d, use_ema))
                 utils.save_rgb(self.img_dir / f'{d.name}{suffix}_{step:07d}.png', image)
                 self.writer.add_image(f'preview/{d.name}{suffix}', image, step, dataformats='HWC')
 

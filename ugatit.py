@@ -34,27 +34,12 @@ import augment
 import checkpoints
 import dataset as data
 import losses as L
+import options
 import utils
-from checkpoints import RunFiles
-from faceseg.segmenter import segmenter_from_flags
-from model import PT_KEYS, Translator, arch_config, build_critic, build_generator
+from checkpoints import PT_KEYS, TRAINING_FORMAT, RunFiles
+from faceseg.masking import FaceMasks, build_face_masking
+from model import DIRECTIONS, ArchConfig, Direction, Translator, build_critic, build_generator
 from networks import DiscriminatorOutput, GeneratorOutput, RhoClipper
-
-
-@dataclass(frozen=True)
-class Direction:
-    """One translation direction: its generator, the reverse one, and the domains involved."""
-
-    name: str
-    source: str
-    target: str
-
-    @property
-    def backward(self) -> str:
-        return f'{self.target}2{self.source}'
-
-
-DIRECTIONS = (Direction('A2B', 'A', 'B'), Direction('B2A', 'B', 'A'))
 
 
 @dataclass
@@ -95,7 +80,7 @@ class UGATIT:
             torch.backends.cudnn.allow_tf32 = True
 
         utils.seed_everything(cfg.seed)
-        self.arch = arch_config(cfg)
+        self.arch = ArchConfig.from_flags(cfg)
         self.G = nn.ModuleDict({d.name: build_generator(self.arch) for d in DIRECTIONS}).to(self.device)
         self.D = nn.ModuleDict({dom: build_critic(self.arch, dom) for dom in 'AB'}).to(self.device)
         torch.manual_seed(cfg.seed + self.dist.rank)   # same weights everywhere, own augmentation draws
@@ -112,7 +97,7 @@ class UGATIT:
         self.adv_weight = {'A2B': cfg.adv_weight * cfg.forward_adv_weight,
                            'B2A': cfg.adv_weight * cfg.backward_adv_weight}
         self.ema = self._build_ema()
-        self.ada = augment.build_controllers(cfg, self.device, self.dist.world_size,
+        self.ada = augment.build_controllers(options.ada_options(cfg, self.dist.world_size), self.device,
                                              threshold=self.gan_loss.threshold) if cfg.ada else None
         # ADA's and the gradient penalty's draws come from their own generators, reseeded from (seed, rank,
         # step) every step, so a resumed run draws exactly as an unbroken one (DataLoader start-up also
@@ -120,8 +105,9 @@ class UGATIT:
         self.step_rngs = {name: torch.Generator(device=self.device) for name, wanted in
                           (('ada', self.ada is not None), ('penalty', penalty is not None)) if wanted}
         self.ada_rng = self.step_rngs.get('ada')
-        self.segmenter = segmenter_from_flags(cfg, self.device) if cfg.use_faceseg else None
-        self.g_terms = L.build_generator_terms(cfg, self.device)
+        self.face_masking = build_face_masking(options.face_mask_options(cfg), self.device) \
+            if cfg.use_faceseg else None
+        self.g_terms = L.build_generator_terms(options.generator_term_options(cfg), self.device)
         self.frozen_on_other_groups = self._selective_backprop_params()
         self.G_run, self.D_run, self.D_local = utils.wrap_for_speed(
             self.G, self.D, self.dist, cfg.compile,
@@ -200,25 +186,26 @@ class UGATIT:
                                     cycle=self.G_run[d.backward](stage1[d.name][0].image).image)
                 for d in DIRECTIONS}
 
-    def critic(self, domain: str, images: list[torch.Tensor], masks: list[dict] | None = None,
+    def critic(self, domain: str, images: list[torch.Tensor], extras: list[dict] | None = None,
                update_sn: bool = False, distributed: bool = True) -> list[list[DiscriminatorOutput]]:
-        """Run both discriminators of ``domain`` on each image batch: result[i] = [global, local].
+        """Run both discriminators of ``domain`` on each image batch: result[i] = [global, local];
+        ``extras[i]``: D's keyword arguments for image i (face masks).
 
         Spectral norm's power iteration runs on the first call of the D step only (exactly once
         per step, however the inputs are batched). ADA, when on, augments every input here, once
         for both scales.
         """
         nets = self.D_run[domain] if distributed else self.D_local[domain]
-        masks = masks or [{} for _ in images]
+        extras = extras or [{} for _ in images]
         sizes = [len(x) for x in images]
         if self.cfg.stack_batches:
             images = [torch.cat(images)]
-            masks = [{k: torch.cat([m[k] for m in masks]) for k in masks[0]}]
+            extras = [{k: torch.cat([e[k] for e in extras]) for k in extras[0]}]
         if self.ada is not None:
             images = [self.ada[domain].pipe(x, generator=self.ada_rng) for x in images]
         per_input = [[] for _ in images]
         for scale in ('G', 'L'):
-            for i, (x, extra) in enumerate(zip(images, masks)):
+            for i, (x, extra) in enumerate(zip(images, extras)):
                 nets[scale].train(update_sn and i == 0)
                 per_input[i].append(nets[scale](x, **extra))
         if not self.cfg.stack_batches:
@@ -226,25 +213,13 @@ class UGATIT:
         by_scale = [_split(out, sizes) for out in per_input[0]]
         return [list(outs) for outs in zip(*by_scale)]
 
-    def _critic_masks(self, images_masks: list[torch.Tensor | None], images: list[torch.Tensor]) -> list[dict]:
-        """Keyword arguments for D from face masks (EN's --seg_D_cam_fea_mask / --seg_D_cam_inp_mask)."""
-        out = []
-        for mask, image in zip(images_masks, images):
-            extra = {}
-            if mask is not None and self.cfg.seg_D_cam_fea_mask:
-                extra['feature_mask'] = mask
-            if mask is not None and self.cfg.seg_D_cam_inp_mask:
-                extra['cam_input'] = image * mask
-            out.append(extra)
-        return out
-
     def train_step(self, batch: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
         """One full iteration; returns detached loss tensors (no host sync)."""
         batch = self._prepare(batch)
         self._set_lr(self.lr_at(step))
         for name, rng in self.step_rngs.items():
             rng.manual_seed(data.derive_seed(self.cfg.seed, name, self.dist.rank, step))
-        masks = self.segment(batch)
+        masks = self.face_masking(batch) if self.face_masking is not None else None
         self.G.train()
         generator_step = self.is_generator_step(step)
         with self.autocast():
@@ -267,36 +242,23 @@ class UGATIT:
         with torch.no_grad():
             return {d.name: self.G_run[d.name](batch[d.source]).image for d in DIRECTIONS}
 
-    @torch.no_grad()
-    def segment(self, batch: dict[str, torch.Tensor]) -> dict | None:
-        """Face masks of the real images, computed once per step without gradients."""
-        if self.segmenter is None:
-            return None
-        return {dom: self.segmenter(batch[dom]) for dom in 'AB'}
-
-    def _seg_face(self, masks: dict | None, domain: str) -> torch.Tensor | None:
-        return masks[domain].face if masks is not None else None
-
-    def _patch_mask(self, masks: dict | None, domain: str) -> torch.Tensor | None:
-        return self._seg_face(masks, domain) if self.cfg.seg_D_mask else None
-
-    def d_step(self, batch, fakes, masks, logs) -> None:
+    def d_step(self, batch, fakes, masks: FaceMasks | None, logs) -> None:
         """Discriminators on real vs detached fake (and blurred) images of each target domain."""
         self.D_optim.zero_grad(set_to_none=True)
         self.D.requires_grad_(True)
         total = 0.0
         for d in DIRECTIONS:
             src, tgt = d.source, d.target
-            images = [batch[tgt], fakes[d.name]]
-            image_masks = [self._seg_face(masks, tgt), self._seg_face(masks, src)]
+            images, faces = [batch[tgt], fakes[d.name]], [tgt, src]   # whose face each image shows
             if f'blur_{tgt}' in batch:
                 images.append(batch[f'blur_{tgt}'])
-                image_masks.append(None if masks is None else torch.ones_like(image_masks[0]))
+                faces.append(None)
+            extras = masks.critic_kwargs(images, faces) if masks is not None else None
             with self.autocast():
-                outs = self.critic(tgt, images, self._critic_masks(image_masks, images), update_sn=True)
+                outs = self.critic(tgt, images, extras, update_sn=True)
             real, fake, *blurred = outs
-            loss = (self.gan_loss.d_real(real, self._patch_mask(masks, tgt))
-                    + self.gan_loss.d_fake(fake, self._patch_mask(masks, src))
+            loss = (self.gan_loss.d_real(real, masks.patch(tgt) if masks is not None else None)
+                    + self.gan_loss.d_fake(fake, masks.patch(src) if masks is not None else None)
                     + sum(self.gan_loss.d_fake(b) for b in blurred))
             if self.gan_loss.penalty is not None:   # inside the adversarial weight, as in TF
                 penalty = self._gradient_penalty(tgt, batch[tgt], fakes[d.name])
@@ -317,7 +279,7 @@ class UGATIT:
         self.scaler.scale(total).backward()
         self.scaler.step(self.D_optim)
 
-    def g_step(self, batch, translations, masks, logs, step: int) -> None:
+    def g_step(self, batch, translations, masks: FaceMasks | None, logs, step: int) -> None:
         """Generators: adversarial, cycle, identity and CAM terms plus the active optional terms."""
         cfg = self.cfg
         self.G_optim.zero_grad(set_to_none=True)
@@ -326,21 +288,19 @@ class UGATIT:
         for d in DIRECTIONS:
             src, tgt = d.source, d.target
             out = translations[d.name]
-            fake = out.fake.image
-            source_face = self._seg_face(masks, src)
-            if cfg.seg_G_detach and source_face is not None:
-                fake = fake * source_face + fake.detach() * (1 - source_face)
+            fake = masks.generator_view(out.fake.image, src) if masks is not None else out.fake.image
+            extras = masks.critic_kwargs([fake], [src]) if masks is not None else None
+            patch = masks.patch(src) if masks is not None else None
             with self.autocast():
-                critic = self.critic(tgt, [fake], self._critic_masks([source_face], [fake]),
-                                     distributed=False)[0]
+                critic = self.critic(tgt, [fake], extras, distributed=False)[0]
             terms = {
-                'adv': self.adv_weight[d.name] * self.gan_loss.g(critic, self._patch_mask(masks, src)),
+                'adv': self.adv_weight[d.name] * self.gan_loss.g(critic, patch),
                 'cycle': cfg.cycle_weight * L.l1(out.cycle, batch[src]),
                 'identity': cfg.identity_weight * L.l1(out.identity.image, batch[tgt]),
                 'cam': cfg.cam_weight * L.generator_cam_loss(out.fake.cam_logit, out.identity.cam_logit),
             }
             ctx = L.DirectionContext(d.name, batch[src], batch[tgt], out.fake, critic,
-                                     masks[src] if masks is not None else None, batch.get(f'group_{src}'))
+                                     masks.of(src) if masks is not None else None, batch.get(f'group_{src}'))
             for term in self.g_terms:
                 terms[term.name] = term.weight * term(ctx)
             for name, value in terms.items():
@@ -407,8 +367,8 @@ class UGATIT:
     def visual_columns(self, real: torch.Tensor, direction: Direction, use_ema: bool = True) -> list:
         """PT's 7 preview rows per image, plus the eroded face mask when segmentation is on."""
         columns = self.translator(use_ema).visual_columns(real, direction.name)
-        if self.segmenter is not None:
-            masks = self.segmenter(real.to(self.device))
+        if self.face_masking is not None:
+            masks = self.face_masking.segmenter(real.to(self.device))
             for col, mask in zip(columns, masks.eroded):
                 col.insert(7, utils.tensor_to_uint8(mask.expand(3, -1, -1) * 2 - 1))
         return columns
@@ -424,10 +384,51 @@ class UGATIT:
         return module
 
     def state_dict(self) -> dict:
-        return checkpoints.training_state(self)
+        """The whole training state as one ``weights_only``-loadable dict; PT's six keys first, so
+        PT tools can read it."""
+        state = {key: self.pt_module(key).state_dict() for key in PT_KEYS}
+        if self.ema is not None:
+            state.update({f'gen{name}_ema': ema.model.state_dict() for name, ema in self.ema.items()})
+        state.update({
+            'G_optim': self.G_optim.state_dict(), 'D_optim': self.D_optim.state_dict(),
+            'scaler': self.scaler.state_dict(), 'step': self.step, 'lr': self.lr_at(self.step),
+            'best_metric': self.best_metric, 'rng': utils.rng_state(), 'architecture': self.arch.to_dict(),
+            'config': {**utils.config_to_dict(self.cfg), 'dataset_root': str(self.dataset_root)},
+            'format': TRAINING_FORMAT,
+        })
+        if self.ada is not None:
+            state['ada'] = {dom: ada.state_dict() for dom, ada in self.ada.items()}
+        return state
 
     def load_state_dict(self, state: dict, *, weights_only: bool = False) -> list[str]:
-        return checkpoints.restore_training_state(self, state, weights_only=weights_only)
+        """Restore a checkpoint (ours or PT's six-key format); returns notes for the user."""
+        notes = []
+        for key in PT_KEYS:
+            if key not in state:
+                raise utils.UserError(f'checkpoint has no {key!r}: not a U-GAT-IT training checkpoint')
+            notes += checkpoints.load_module(self.pt_module(key), state[key], key)
+        if self.ema is not None:
+            for name, ema in self.ema.items():
+                ema.model.load_state_dict(state.get(f'gen{name}_ema', state[f'gen{name}']))
+        if weights_only:
+            return notes
+        if 'G_optim' in state:
+            self.G_optim.load_state_dict(state['G_optim'])
+            if notes:   # a new group head changed D's parameter list: its moments cannot be matched
+                notes.append('discriminator optimizer moments start fresh (new group head)')
+            else:
+                self.D_optim.load_state_dict(state['D_optim'])
+            if state.get('scaler'):   # an --amp off/bf16 run stores an empty (disabled) scaler: fp16 starts fresh
+                self.scaler.load_state_dict(state['scaler'])
+            utils.set_rng_state(state['rng'])
+        else:
+            notes.append('checkpoint without optimizer state (PT format or converted): optimizer moments start fresh')
+        if self.ada is not None and 'ada' in state:
+            for dom, ada in self.ada.items():
+                ada.load_state_dict(state['ada'][dom])
+        self.best_metric = state.get('best_metric', float('inf'))
+        self.step = int(state.get('step', 0))
+        return notes
 
     def save(self, path: Path) -> None:
         """Atomically write the whole training state (rank 0 only)."""
@@ -456,7 +457,7 @@ class UGATIT:
         cfg = self.cfg
         for path in self.files.remove_leftovers() if self.dist.is_main else []:
             self.log(f'removed {path}, a partial checkpoint of a process that died while writing it')
-        start = checkpoints.start_step(self)
+        start = self._start_step()
         if start > cfg.iteration:
             self.log(f'already trained for {cfg.iteration} iterations; nothing to do')
             return
@@ -483,6 +484,25 @@ class UGATIT:
                 monitor.close()
         if self.last_saved is not None:
             self.log(f'final checkpoint: {self.last_saved}')
+
+    def _start_step(self) -> int:
+        """1 for a fresh run (never mixed with an old one), step + 1 after resuming."""
+        if self.cfg.resume:
+            found = checkpoints.checkpoint_to_resume(self.files, self.dataset_root, self.arch)
+            if found is None:
+                self.log(f'no checkpoint in {self.files.model_dir}: starting from scratch')
+                return 1
+            for note in self.load_state_dict(found.state):
+                self.log(f'note: {note}')
+            self.step = found.step
+            self.log(f'resumed from {found.path} at step {self.step}')
+            return self.step + 1
+        if self.dist.is_main:
+            archive = checkpoints.clear_for_fresh_run(self.files, self.cfg.overwrite)
+            if archive is not None:
+                self.log(f'--overwrite: moved the earlier run to {archive}')
+        self.dist.barrier()
+        return 1
 
     def _save_after_error(self) -> None:
         try:
@@ -532,9 +552,9 @@ class UGATIT:
             if step % cfg.log_freq == 0 or step == cfg.iteration or stop.requested:
                 self._flush(meter, monitor, bar, step)
             if monitor is not None and step % cfg.print_freq == 0:
-                monitor.previews(self, step)
+                monitor.previews(step, self.visual_columns, ema=self.ema is not None)
             if cfg.metric_freq and step % cfg.metric_freq == 0:
-                evaluation.evaluate_and_keep_best(self, monitor, step)
+                self._evaluate(evaluation, monitor, step)
             self._periodic_saves(step, meter, monitor, bar)
             if stop.requested:
                 self._flush(meter, monitor, bar, step)
@@ -542,8 +562,36 @@ class UGATIT:
                 raise utils.Stopped(f'stopped by signal at step {step}; {stop.name}: saved {self.last_saved}, resume '
                                     f'with --resume True', utils.stop_exit_code(stop.signum))
 
+    def scalars(self, step: int) -> dict[str, float]:
+        """Learning rate, ρ statistics and ADA state, logged with the losses (a logging step: the
+        host reads of these values are the interval's only ones)."""
+        values = {'lr': self.lr_at(step)}
+        for name, g in self.G.items():
+            rhos = torch.cat([m.rho.detach().flatten() for m in g.modules() if hasattr(m, 'rho')])
+            low, mean, high = torch.stack([rhos.min(), rhos.mean(), rhos.max()]).tolist()
+            values.update({f'rho/{name}_mean': mean, f'rho/{name}_min': low, f'rho/{name}_max': high})
+        for dom, ada in (self.ada or {}).items():
+            values.update({f'ADA/p_{dom}': ada.p, f'ADA/rt_{dom}': ada.rt})
+        return values
+
+    def _evaluate(self, evaluation, monitor, step: int) -> None:
+        """FID/KID of the raw and EMA generators (rank 0), logged; the checkpoint with the best mean FID
+        of the generators inference uses is kept as the best one."""
+        if self.dist.is_main:
+            variants = (False, True) if self.ema is not None else (False,)
+            results, record = evaluation.evaluate({'_ema' if e else '': self.translator(e) for e in variants})
+            monitor.metrics(step, results, record)
+            suffix = '_ema' if self.ema is not None else ''
+            score = sum(results[f'FID/{d.name}{suffix}'] for d in DIRECTIONS) / len(DIRECTIONS)
+            if score < self.best_metric:
+                self.best_metric = score
+                self.save(self.files.best_path)
+                self.log(f'step {step}: new best mean FID {score:.3f} -> {self.files.best_path}')
+        self.dist.barrier()
+
     def _train_stream(self, start: int) -> data.TrainStream:
-        return data.train_stream(self.cfg, self.dataset_root, start, self.dist, pin_memory=self.device.type == 'cuda')
+        return data.train_stream(self.dataset_root, options.stream_options(self.cfg), start, self.dist,
+                                 pin_memory=self.device.type == 'cuda')
 
     def _flush(self, meter: utils.LossMeter, monitor, bar, step: int) -> None:
         means = meter.flush()
@@ -553,7 +601,7 @@ class UGATIT:
                 f'{bad[0]} became {means[bad[0]]} by step {step}; training stopped and the last good checkpoint '
                 f'kept ({self.last_saved or "none yet"}). Try a lower --lr or --amp off')
         if monitor is not None and means:
-            monitor.scalars(step, {**means, **monitor.trainer_scalars(self, step)})
+            monitor.scalars(step, {**means, **self.scalars(step)})
             bar.set_postfix({'D': f"{means.get('D/total', 0):.3f}", 'G': f"{means.get('G/total', 0):.3f}"})
 
     def _periodic_saves(self, step: int, meter: utils.LossMeter, monitor, bar) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import errno
+import hashlib
 import os
 import pickle
 import random
@@ -227,6 +228,28 @@ def load_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict:
     except pickle.UnpicklingError:
         raise UnsafeCheckpoint(f'{path} is not a plain tensor checkpoint: it holds pickled Python objects, and it is '
                                f'not unpickled because unpickling can run arbitrary code') from None
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def human_size(n_bytes: float) -> str:
+    for unit in ('B', 'KB', 'MB', 'GB'):
+        if n_bytes < 1000 or unit == 'GB':
+            return f'{n_bytes:.0f} {unit}' if unit == 'B' else f'{n_bytes:.2f} {unit}'
+        n_bytes /= 1000
+    raise AssertionError('unreachable')
+
+
+def file_report(paths: list[Path]) -> list[str]:
+    """One line per file: name, size and sha256 (for release notes and download checks)."""
+    width = max(len(p.name) for p in paths)
+    return [f'{p.name:<{width}}  {human_size(p.stat().st_size):>10}  sha256 {file_sha256(p)}' for p in paths]
 
 
 # ----------------------------------------------------------------------------------------------

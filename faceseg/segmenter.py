@@ -130,10 +130,3 @@ class FaceSegmenter(nn.Module):
     def forward(self, images: Tensor) -> SegMasks:
         """Face masks (plain and eroded) for images in [-1, 1]."""
         return masks_from_probs(self.probs(images), self.hard_edge, self.fix_glass_mouth)
-
-
-def segmenter_from_flags(cfg, device: torch.device) -> FaceSegmenter:
-    """The BiSeNet face segmenter of EN's --seg_* flags (weights from --faceseg_weights)."""
-    from faceseg.bisenet import load_bisenet
-    net = load_bisenet(cfg.faceseg_weights, device)
-    return FaceSegmenter(net, hard_edge=cfg.hard_seg_edge, fix_glass_mouth=cfg.seg_fix_glass_mouth).to(device)

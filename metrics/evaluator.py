@@ -17,10 +17,12 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.functional import to_tensor
 
+import images
+from dataset import ignore_stop_signals
+
 from .inception import FEATURE_DIM, build_inception, inception_features, unit_range_features
 from .scores import MetricsError, feature_statistics, frechet_distance, kernel_inception_distance
 
-IMAGE_EXTENSIONS = frozenset({'.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp'})
 CACHE_VERSION = 1
 
 
@@ -29,7 +31,7 @@ def image_files(folder: str | os.PathLike) -> list[Path]:
     root = Path(folder)
     if not root.is_dir():
         raise MetricsError(f'image folder not found: {root}; pass an existing directory')
-    return sorted(p for p in root.rglob('*') if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    return images.find_images(root)
 
 
 def require_images(folder: str | os.PathLike) -> list[Path]:
@@ -37,13 +39,13 @@ def require_images(folder: str | os.PathLike) -> list[Path]:
     files = image_files(folder)
     if not files:
         raise MetricsError(f'no images found in {folder}; expected files with extensions '
-                           f'{" ".join(sorted(IMAGE_EXTENSIONS))}')
+                           f'{" ".join(images.IMG_EXTENSIONS)}')
     return files
 
 
 def _load_rgb(path: Path, img_size: int | None) -> Image.Image:
-    with Image.open(path) as img:
-        img = img.convert('RGB')
+    """The file as training and inference read it (images.load_rgb), resized to ``img_size``."""
+    img = images.load_rgb(path)
     if img_size is not None:
         img = img.resize((img_size, img_size), Image.Resampling.BILINEAR)
     return img
@@ -76,7 +78,7 @@ class _ImageDataset(Dataset):
         index = self.indices[i]
         try:
             return index, to_tensor(_load_rgb(self.files[index], self.img_size))
-        except (OSError, ValueError):
+        except (OSError, ValueError, images.UnreadableImage):
             return index, None
 
 
@@ -113,7 +115,8 @@ def folder_features(folder: str | os.PathLike, model: torch.nn.Module, batch_siz
     done = np.zeros(len(files), dtype=bool)
     for indices in _group_by_size(files, img_size).values():
         loader = DataLoader(_ImageDataset(files, indices, img_size), batch_size=max(1, batch_size),
-                            shuffle=False, num_workers=num_workers, collate_fn=_collate)
+                            shuffle=False, num_workers=num_workers, collate_fn=_collate,
+                            worker_init_fn=ignore_stop_signals if num_workers else None)
         for good, batch, failed in loader:
             for index in failed:
                 warnings.warn(f'skipping unreadable image {files[index]}', stacklevel=2)

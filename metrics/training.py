@@ -13,6 +13,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import utils
+from model import DIRECTIONS
+
 from .evaluator import Evaluator, weights_identity
 from .inception import unit_range_features
 from .scores import kernel_inception_distance
@@ -23,14 +26,6 @@ RESIZE_MODE = 'real: PIL bilinear to img_size; fake: generator output at img_siz
 def quantise(images: torch.Tensor) -> torch.Tensor:
     """[-1, 1] images → the [0, 1] values their 8-bit PNGs decode to (utils.tensor_to_uint8's rounding)."""
     return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round() / 255.0
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 20), b''):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def module_sha256(module: torch.nn.Module) -> str:
@@ -58,7 +53,7 @@ class TranslationMetrics:
         self.num_workers = num_workers
         self.evaluator = Evaluator(weights, device, batch_size=batch_size, cache_dir=cache_dir)
         self.evaluator.model   # noqa: B018 - build (and so check) the network now
-        self.inception = file_sha256(weights) if weights else str(weights_identity(None))
+        self.inception = utils.file_sha256(weights) if weights else str(weights_identity(None))
 
     def evaluate(self, translators: Mapping[str, object]) -> tuple[dict[str, float], dict]:
         """Scores keyed 'FID/A2B<suffix>', 'KID/...', 'KID_std/...' for each (suffix → translator),
@@ -67,7 +62,7 @@ class TranslationMetrics:
         record: dict = {'inception_weights': self.inception, 'resize': RESIZE_MODE, 'images': {},
                         'generators': {}}
         for suffix, translator in translators.items():
-            for direction, (src, tgt) in (('A2B', ('A', 'B')), ('B2A', ('B', 'A'))):
+            for direction, src, tgt in ((d.name, d.source, d.target) for d in DIRECTIONS):
                 real, fake = self.features(translator, direction, src, tgt, '')
                 scores = self.evaluator.score(real, fake)
                 results.update({f'{name}/{direction}{suffix}': v for name, v in scores.items()})
@@ -92,18 +87,3 @@ class TranslationMetrics:
         for images, _ in loader:
             fakes = quantise(translator.translate(images, direction).image)
             yield unit_range_features(self.evaluator.model, fakes).double().numpy()
-
-    def evaluate_and_keep_best(self, trainer, monitor, step: int) -> None:
-        """Score the trainer's raw and EMA generators (rank 0), log them, and keep the checkpoint with
-        the best mean FID of the generators inference uses."""
-        if trainer.dist.is_main:
-            options = (False, True) if trainer.ema is not None else (False,)
-            results, record = self.evaluate({'_ema' if e else '': trainer.translator(e) for e in options})
-            monitor.metrics(step, results, record)
-            suffix = '_ema' if trainer.ema is not None else ''
-            score = (results[f'FID/A2B{suffix}'] + results[f'FID/B2A{suffix}']) / 2
-            if score < trainer.best_metric:
-                trainer.best_metric = score
-                trainer.save(trainer.files.best_path)
-                trainer.log(f'step {step}: new best mean FID {score:.3f} -> {trainer.files.best_path}')
-        trainer.dist.barrier()

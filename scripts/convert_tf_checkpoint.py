@@ -35,6 +35,8 @@ if __package__ in (None, ''):  # run as a file: make the repository root importa
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import utils  # noqa: E402
+from checkpoints import TRAINING_FORMAT  # noqa: E402
+from model import ArchConfig, build_critic, build_generator  # noqa: E402
 from tf_checkpoint import CheckpointError, TFCheckpoint  # noqa: E402
 
 OPTIMIZER_SLOT = re.compile(r'/Adam(_1)?$|^beta[12]_power(_\d+)?$')
@@ -42,7 +44,7 @@ OPTIMIZER_SLOT = re.compile(r'/Adam(_1)?$|^beta[12]_power(_\d+)?$')
 GENERATORS = {'genA2B': 'generator_B', 'genB2A': 'generator_A'}
 CRITICS = {'disGA': ('discriminator_A', 'global'), 'disGB': ('discriminator_B', 'global'),
            'disLA': ('discriminator_A', 'local'), 'disLB': ('discriminator_B', 'local')}
-FORMAT = 'ugatit-pytorch/1'
+FORMAT = TRAINING_FORMAT
 
 
 # ----------------------------------------------------------------------------------------------
@@ -257,12 +259,12 @@ def convert_network(ckpt: TFCheckpoint, scope: str, rules: list[Rule], expected:
 def expected_shapes(arch: dict) -> dict[str, dict[str, tuple]]:
     """State-dict keys and shapes of the networks this project builds from ``arch`` (on the meta
     device: nothing is allocated)."""
-    from model import build_critic, build_generator
+    model_arch = ArchConfig.from_dict(arch)
     with torch.device('meta'):
-        nets = {'genA2B': build_generator(arch), 'genB2A': build_generator(arch)}
+        nets = {'genA2B': build_generator(model_arch), 'genB2A': build_generator(model_arch)}
         if arch['has_discriminators']:
             for dom in 'AB':
-                critic = build_critic(arch, dom)
+                critic = build_critic(model_arch, dom)
                 nets[f'disG{dom}'], nets[f'disL{dom}'] = critic['G'], critic['L']
     return {key: {k: tuple(v.shape) for k, v in net.state_dict().items()} for key, net in nets.items()}
 
@@ -303,7 +305,7 @@ def convert(path: str | Path, smoothing: bool | None = None, img_size: int | Non
     state = {key: convert_network(ckpt, scope, rules, shapes[key]) for key, (scope, rules) in nets.items()}
     step = re.search(r'-(\d+)$', ckpt.prefix.name)
     config = {k: v for k, v in arch.items() if k != 'has_discriminators'}
-    state.update({'config': config, 'step': 0, 'format': FORMAT,
+    state.update({'config': config, 'architecture': ArchConfig.from_dict(config).to_dict(), 'step': 0, 'format': FORMAT,
                   'source': {'tf_checkpoint': str(ckpt.prefix), 'tf_step': int(step.group(1)) if step else -1,
                              'smoothing': smoothing_source}})
     return state

@@ -17,10 +17,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import exports  # noqa: E402
-import main as cli  # noqa: E402
-import model  # noqa: E402
+import checkpoints  # noqa: E402
+import options  # noqa: E402
 import utils  # noqa: E402
+from inference.onnx import export_onnx  # noqa: E402
+from model import DIRECTIONS  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,21 +40,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def export(args: argparse.Namespace, rest: list[str]) -> list[Path]:
     """Load the checkpoint's generators as the test phase would, then write the export folder."""
-    flags, explicit = cli.architecture_flags(rest)
-    translator, state = model.load_translator(args.checkpoint, 'cpu', use_ema=not args.no_ema, flags=flags,
-                                              explicit=explicit)
-    if args.out.exists() and any(args.out.iterdir()) and not exports.is_export(args.out):
+    flags, explicit = options.architecture_flags(rest)
+    translator, state = checkpoints.load_translator(args.checkpoint, 'cpu', use_ema=not args.no_ema, flags=flags,
+                                                    explicit=explicit)
+    if args.out.exists() and any(args.out.iterdir()) and not checkpoints.is_export(args.out):
         raise utils.UserError(f'--out {args.out} exists and is not an export folder; choose a new or empty folder')
     config = state.get('config') or {}
     metadata = {'step': int(state.get('step', 0)), 'ema': bool(state['uses_ema']),
                 'dataset_name': config.get('dataset_name'),
                 'source': Path(args.checkpoint).name}
-    paths = exports.write_export(translator.generators, translator.arch, args.out, fp16=args.fp16,
-                                 metadata=metadata)
+    paths = checkpoints.write_export(translator.generators, translator.arch, args.out, fp16=args.fp16,
+                                     metadata=metadata)
     if args.onnx:
-        for direction in exports.DIRECTIONS:
-            paths += exports.export_onnx(translator.generators[direction], args.out / f'{direction}.onnx',
-                                         translator.arch)
+        for d in DIRECTIONS:
+            paths += export_onnx(translator.generators[d.name], args.out / f'{d.name}.onnx', translator.arch)
     return paths
 
 
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f'error: {exc}', file=sys.stderr)
         return 2
     print(f'exported {args.checkpoint} to {args.out}:')
-    for line in exports.file_report(paths):
+    for line in utils.file_report(paths):
         print(f'  {line}')
     return 0
 

@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model import load_translator  # noqa: E402
+from checkpoints import load_translator  # noqa: E402
 from scripts.make_demo_dataset import make_scene  # noqa: E402
 
 

@@ -8,16 +8,16 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import sizing
 import utils
-from model import Translator
+from inference import sizing
+from model import ArchConfig, Translator
 from networks import ResnetGenerator
 
 
 def translator(light: bool | int = True, img_size: int = 32) -> Translator:
     torch.manual_seed(0)
     nets = {d: ResnetGenerator(3, 3, ngf=4, n_blocks=1, img_size=img_size, light=light).eval() for d in ('A2B', 'B2A')}
-    return Translator(nets, {'light': light, 'img_size': img_size}, 'cpu')
+    return Translator(nets, ArchConfig(light=light, ch=4, n_res=1, img_size=img_size), 'cpu')
 
 
 def photo(width: int, height: int, seed: int = 0) -> Image.Image:

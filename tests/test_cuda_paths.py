@@ -14,7 +14,6 @@ from conftest import random_batches, tiny_flags, tiny_trainer
 import checkpoints
 import dataset as data
 import main
-import model
 import utils
 
 
@@ -44,8 +43,10 @@ def test_resume_reads_the_checkpoint_onto_the_cpu_whatever_the_training_device(t
     trainer.device = torch.device('meta')   # stands for cuda: a tensor mapped onto it is not on the CPU
     seen = _record_map_locations(monkeypatch)
     torch.manual_seed(999)
-    path = checkpoints.resume(trainer)
-    assert path is not None and trainer.step == 2
+    found = checkpoints.checkpoint_to_resume(trainer.files, trainer.dataset_root, trainer.arch)
+    assert found is not None and found.step == 2
+    trainer.load_state_dict(found.state)
+    path = found.path
     assert seen and all(str(loc) == 'cpu' for loc in seen), seen
     saved = utils.load_checkpoint(path)['rng']['torch']
     assert torch.equal(torch.get_rng_state(), saved)   # restored, not left at the seed above
@@ -56,7 +57,7 @@ def test_inference_loads_only_the_generators_onto_the_device(tiny_dataset, tmp_p
     generators move to the device."""
     checkpoint = _trained_checkpoint(tiny_dataset, tmp_path)
     seen = _record_map_locations(monkeypatch)
-    translator, state = model.load_translator(checkpoint, 'meta')
+    translator, state = checkpoints.load_translator(checkpoint, 'meta')
     assert seen and all(str(loc) == 'cpu' for loc in seen), seen
     assert all(p.device.type == 'meta' for net in translator.generators.values() for p in net.parameters())
     assert all(t.device.type == 'cpu' for t in state['disGA'].values())
@@ -86,7 +87,9 @@ def test_fp16_resume_from_a_run_without_a_scaler(tiny_dataset, tmp_path):
     assert utils.load_checkpoint(checkpoint)['scaler'] == {}
     trainer = tiny_trainer(tiny_dataset, tmp_path, '--resume', 'True', '--iteration', '4')
     _enable_fp16_scaler(trainer)
-    assert checkpoints.resume(trainer) == checkpoint
+    found = checkpoints.checkpoint_to_resume(trainer.files, trainer.dataset_root, trainer.arch)
+    assert found.path == checkpoint
+    trainer.load_state_dict(found.state)
     assert trainer.scaler.get_scale() == 2.0 ** 10   # starts fresh
     trainer.train_step(random_batches(1)[0], 3)
 
@@ -98,7 +101,7 @@ def test_fp16_scaler_state_survives_resume(tiny_dataset, tmp_path):
     trainer.scaler.update(new_scale=123.0)
     restored = tiny_trainer(tiny_dataset, tmp_path)
     _enable_fp16_scaler(restored)
-    checkpoints.restore_training_state(restored, trainer.state_dict())
+    restored.load_state_dict(trainer.state_dict())
     assert restored.scaler.get_scale() == 123.0
 
 

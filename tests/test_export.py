@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-import exports
-from model import GENERATOR_KEYS
+import checkpoints
+import utils
+from inference.onnx import export_onnx
+from model import DIRECTIONS, ArchConfig
 from networks import ResnetGenerator
 
 # A tiny version of each architecture family the exporter must handle.
@@ -21,18 +23,15 @@ ARCHS = {
 }
 
 
-def tiny_arch(**options) -> dict:
-    arch = dict(light=True, ch=4, n_res=1, img_size=32, img_ch=3, use_se=False, attention_gan=0,
-                attention_input=False, use_deconv=False)
-    arch.update(options)
-    return arch
+def tiny_arch(**options) -> ArchConfig:
+    return ArchConfig(**{**dict(light=True, ch=4, n_res=1, img_size=32), **options})
 
 
-def tiny_generator(arch: dict, seed: int = 0) -> ResnetGenerator:
+def tiny_generator(arch: ArchConfig, seed: int = 0) -> ResnetGenerator:
     torch.manual_seed(seed)
-    net = ResnetGenerator(3, 3, ngf=arch['ch'], n_blocks=arch['n_res'], img_size=arch['img_size'],
-                          light=arch['light'], use_se=arch['use_se'], attention_gan=arch['attention_gan'],
-                          attention_input=arch['attention_input'], use_deconv=arch['use_deconv'])
+    net = ResnetGenerator(3, 3, ngf=arch.ch, n_blocks=arch.n_res, img_size=arch.img_size, light=arch.light,
+                          use_se=arch.use_se, attention_gan=arch.attention_gan,
+                          attention_input=arch.attention_input, use_deconv=arch.use_deconv)
     with torch.no_grad():   # move rho off its init so that both AdaLIN mixes matter
         for module in net.modules():
             if hasattr(module, 'rho'):
@@ -51,7 +50,7 @@ def test_onnx_matches_pytorch(tmp_path, name):
     pytest.importorskip('onnxscript', reason='ONNX export needs onnxscript (requirements-extras.txt)')
     arch = tiny_arch(**ARCHS[name])
     net = tiny_generator(arch)
-    paths = exports.export_onnx(net, tmp_path / 'A2B.onnx', arch)
+    paths = export_onnx(net, tmp_path / 'A2B.onnx', arch)
     assert paths == [tmp_path / 'A2B.onnx'] and not (tmp_path / 'A2B.onnx.data').exists()   # self-contained
     path = paths[0]
     session = ort.InferenceSession(str(path), providers=['CPUExecutionProvider'])
@@ -60,11 +59,11 @@ def test_onnx_matches_pytorch(tmp_path, name):
     batch, _, height, width = session.get_inputs()[0].shape
     assert isinstance(batch, str)   # a named dynamic dimension
     # H and W are dynamic for PT's light model only; others keep img_size (the MLP input depends on it).
-    dynamic = arch['light'] is True
+    dynamic = arch.light is True
     assert (isinstance(height, str) and isinstance(width, str)) if dynamic else (height, width) == (32, 32)
     # Batch sizes other than the example's; light models also at other sizes (multiples of 4).
     shapes = [(1, 3, 32, 32), (3, 3, 32, 32)]
-    if arch['light'] is True:
+    if arch.light is True:
         shapes += [(2, 3, 48, 40), (1, 3, 20, 64)]
     for shape in shapes:
         x = images(*shape)
@@ -81,22 +80,22 @@ def test_export_folder_round_trip(tmp_path, fp16):
     pytest.importorskip('safetensors')
     arch = tiny_arch(light=False, use_se=True)
     nets = {'A2B': tiny_generator(arch, 0), 'B2A': tiny_generator(arch, 1)}
-    paths = exports.write_export(nets, arch, tmp_path / 'export', fp16=fp16, metadata={'step': 7, 'ema': True})
+    paths = checkpoints.write_export(nets, arch, tmp_path / 'export', fp16=fp16, metadata={'step': 7, 'ema': True})
     assert sorted(p.name for p in paths) == ['A2B.safetensors', 'B2A.safetensors', 'config.json']
     config = json.loads((tmp_path / 'export' / 'config.json').read_text())
-    assert config['format'] == exports.FORMAT and config['step'] == 7
+    assert config['format'] == checkpoints.EXPORT_FORMAT and config['step'] == 7
     assert config['dtype'] == ('float16' if fp16 else 'float32')
-    assert {k: config[k] for k in arch} == arch
-    assert exports.is_export(tmp_path / 'export') and not exports.is_export(tmp_path)
+    assert ArchConfig.from_dict(config) == arch
+    assert checkpoints.is_export(tmp_path / 'export') and not checkpoints.is_export(tmp_path)
 
-    state = exports.read_export(tmp_path / 'export')
+    state = checkpoints.read_export(tmp_path / 'export')
     x = images(2, 3, 32, 32)
-    for direction, key in GENERATOR_KEYS.items():
+    for d in DIRECTIONS:
         rebuilt = tiny_generator(arch, seed=99)
-        rebuilt.load_state_dict(state[key], strict=True)
-        assert all(t.dtype == torch.float32 for t in state[key].values())
+        rebuilt.load_state_dict(state[d.key], strict=True)
+        assert all(t.dtype == torch.float32 for t in state[d.key].values())
         with torch.no_grad():
-            diff = (rebuilt(x).image - nets[direction](x).image).abs().max().item()
+            diff = (rebuilt(x).image - nets[d.name](x).image).abs().max().item()
         # float16 weights: ~3 significant digits per weight; the translation stays within a few 8-bit levels
         assert diff <= (3e-2 if fp16 else 0.0)
         if fp16:
@@ -106,9 +105,9 @@ def test_export_folder_round_trip(tmp_path, fp16):
 def test_fp16_export_is_half_the_size(tmp_path):
     pytest.importorskip('safetensors')
     arch = tiny_arch(light=False, ch=8)
-    nets = {d: tiny_generator(arch) for d in exports.DIRECTIONS}
-    full = exports.write_export(nets, arch, tmp_path / 'f32')[1].stat().st_size
-    half = exports.write_export(nets, arch, tmp_path / 'f16', fp16=True)[1].stat().st_size
+    nets = {d.name: tiny_generator(arch) for d in DIRECTIONS}
+    full = checkpoints.write_export(nets, arch, tmp_path / 'f32')[1].stat().st_size
+    half = checkpoints.write_export(nets, arch, tmp_path / 'f16', fp16=True)[1].stat().st_size
     n_params = sum(t.numel() for t in nets['A2B'].state_dict().values())
     assert n_params * 4 <= full < n_params * 4 + 20000 and n_params * 2 <= half < n_params * 2 + 20000
 
@@ -117,16 +116,16 @@ def test_read_export_errors_are_one_line(tmp_path):
     import utils
     (tmp_path / 'config.json').write_text('{"format": "something-else"}')
     with pytest.raises(utils.UserError, match='not a U-GAT-IT export'):
-        exports.read_export(tmp_path)
-    (tmp_path / 'config.json').write_text(json.dumps({'format': exports.FORMAT}))
+        checkpoints.read_export(tmp_path)
+    (tmp_path / 'config.json').write_text(json.dumps({'format': checkpoints.EXPORT_FORMAT}))
     with pytest.raises(utils.UserError, match='A2B.safetensors'):
-        exports.read_export(tmp_path)
+        checkpoints.read_export(tmp_path)
 
 
 def test_file_report_gives_size_and_sha256(tmp_path):
     import hashlib
     path = tmp_path / 'x.bin'
     path.write_bytes(b'u-gat-it' * 1000)
-    line = exports.file_report([path])[0]
+    line = utils.file_report([path])[0]
     assert line.split()[0] == 'x.bin' and '8.00 KB' in line
     assert line.endswith(hashlib.sha256(b'u-gat-it' * 1000).hexdigest())

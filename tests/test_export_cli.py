@@ -13,6 +13,7 @@ import torch
 from conftest import make_domain, tiny_flags
 from PIL import Image
 
+import checkpoints
 import main
 import model
 from scripts import export as export_cli
@@ -53,7 +54,7 @@ def test_export_writes_config_and_generators_and_reports_size_and_sha256(trained
         assert line.endswith(hashlib.sha256(data).hexdigest())
     config = json.loads((tmp_path / 'exp' / 'config.json').read_text())
     stored = torch.load(checkpoint, weights_only=True)
-    assert {k: config[k] for k in model.ARCH_KEYS} == model.stored_arch(stored)
+    assert model.ArchConfig.from_dict(config) == checkpoints.stored_arch(stored)
     assert (config['ema'], config['step'], config['dataset_name'], config['dtype']) == (True, 2, 'tiny', 'float32')
     from safetensors.torch import load_file
     weights = load_file(str(tmp_path / 'exp' / 'A2B.safetensors'))
@@ -154,7 +155,7 @@ def test_onnx_export_through_the_cli(trained, tmp_path, capsys):
     _, checkpoint = trained
     printed = export(checkpoint, tmp_path / 'exp', '--onnx', capsys=capsys)
     assert {'A2B.onnx', 'B2A.onnx'} <= {line.split()[0] for line in printed.splitlines()[1:]}
-    translator, _ = model.load_translator(checkpoint)
+    translator, _ = checkpoints.load_translator(checkpoint)
     session = ort.InferenceSession(str(tmp_path / 'exp' / 'B2A.onnx'), providers=['CPUExecutionProvider'])
     x = torch.rand(2, 3, 44, 36, generator=torch.Generator().manual_seed(0)) * 2 - 1   # light: any multiple of 4
     translation, heatmap = session.run(None, {'image': x.numpy()})

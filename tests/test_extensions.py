@@ -126,7 +126,7 @@ def test_architecture_options_build_and_train(tiny_dataset, tmp_path, flags, che
 
 
 def test_attention_rows_in_previews(tiny_dataset, tmp_path):
-    from ugatit import DIRECTIONS
+    from model import DIRECTIONS
     trainer = _trainer(tiny_dataset, tmp_path, '--attention_gan', '3')
     columns = trainer.visual_columns(_batch()['A'], DIRECTIONS[0])
     assert len(columns) == 2 and len(columns[0]) == 7 + 3
@@ -148,7 +148,7 @@ def test_test_phase_uses_ema_weights_unless_no_ema(tiny_dataset, tmp_path):
     assert not np.array_equal(ema_img, raw_img)
     # The EMA image is what the EMA generator gives.
     from dataset import build_test_loader
-    from model import load_translator
+    from checkpoints import load_translator
     translator, _ = load_translator(out / 'tiny' / 'model' / 'tiny_params_0000003.pt', use_ema=True)
     images, names = next(iter(build_test_loader(tiny_dataset / 'testA', 32)))
     expected = utils.tensor_to_uint8(translator.translate(images, 'A2B').image[0])

@@ -51,7 +51,7 @@ def _step_pair(dataset, tmp_path, weights, *flags):
     """(logs, trainer) for a baseline trainer and one with ``flags``, same weights and batch."""
     base = _trainer(dataset, tmp_path)
     other = _trainer(dataset, tmp_path, '--faceseg_weights', str(weights['bisenet']), *flags)
-    other.segmenter = _half_face_masks
+    other.face_masking.segmenter = _half_face_masks
     other.G.load_state_dict(base.G.state_dict())
     other.D.load_state_dict(base.D.state_dict())
     batch = _batch(base)
@@ -103,13 +103,13 @@ def test_facenet_is_never_built_when_the_weight_is_zero(tiny_dataset, tmp_path, 
 def test_seg_fix_weight_is_l1_on_the_background(tiny_dataset, tmp_path, weight_files):
     trainer = _trainer(tiny_dataset, tmp_path, '--faceseg_weights', str(weight_files['bisenet']),
                        '--seg_fix_weight', '2')
-    assert isinstance(trainer.segmenter, FaceSegmenter)  # the real parser, loaded from the flag
-    trainer.segmenter = _half_face_masks
+    assert isinstance(trainer.face_masking.segmenter, FaceSegmenter)  # the real parser, loaded from the flag
+    trainer.face_masking.segmenter = _half_face_masks
     batch = trainer._prepare(_batch(trainer))
     with torch.no_grad():
-        masks = trainer.segment(batch)
+        masks = trainer.face_masking(batch)
         fake = trainer.generate(batch)['A2B'].fake.image
-    background = 1 - masks['A'].eroded
+    background = 1 - masks.of('A').eroded
     expected = 2 * (fake * background - batch['A'] * background).abs().mean()
     logs = trainer.train_step(batch, 1)
     torch.testing.assert_close(logs['G/seg_fix_A2B'], expected, rtol=1e-4, atol=1e-7)

@@ -46,7 +46,7 @@ def test_group_loss_matches_hand_computation(grouped_dataset, tmp_path):
     trainer = _trainer(grouped_dataset, tmp_path, '--group', '0,1', '--use_grouploss', 'True',
                        '--group_weight', '2', '--adv_weight', '1.5')
     batch = _batch(1)
-    critics = build_critic(trainer.cfg, 'B')  # SN weights are non-leaf tensors: copy via state dict
+    critics = build_critic(trainer.arch, 'B')  # SN weights are non-leaf tensors: copy via state dict
     critics.load_state_dict(trainer.D['B'].state_dict())
     expected_d = 0.0
     for scale in ('G', 'L'):
@@ -76,13 +76,13 @@ def test_selective_backprop_freezes_bottleneck_on_other_groups(grouped_dataset, 
     frozen_ids = {id(p) for p in frozen}
     before = [p.detach().clone() for p in frozen]
     others = [(p, p.detach().clone()) for p in trainer.G.parameters() if id(p) not in frozen_ids]
-    for step in (1, 2):
+    for step in (1, 3):   # round-robin over groups [0, 1]: odd steps draw group 1
         trainer.train_step(_batch(1), step)
     for p, old in zip(frozen, before):
         assert torch.equal(p, old)                       # bit-identical: no Adam moment, no weight decay
         assert trainer.G_optim.state.get(p, {}) == {}
     assert any(not torch.equal(p, old) for p, old in others)
-    trainer.train_step(_batch(0), 3)
+    trainer.train_step(_batch(0), 4)
     assert any(not torch.equal(p, old) for p, old in zip(frozen, before))
 
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 from conftest import make_dataset, make_domain, tiny_flags
 
+import checkpoints
 import main
-import model
 import utils
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,7 +45,7 @@ def test_img_dir_needs_only_the_checkpoint(trained, tmp_path):
     written = sorted(p.name for p in (tmp_path / 'out').iterdir())
     assert written == ['img0.png', 'img1.png']
     # The images are what the checkpoint's EMA generator gives at the checkpoint's size.
-    translator, _ = model.load_translator(checkpoint)
+    translator, _ = checkpoints.load_translator(checkpoint)
     image = torch.from_numpy(cv2.resize(cv2.cvtColor(cv2.imread(str(photos / 'img0.png')), cv2.COLOR_BGR2RGB),
                                         (32, 32), interpolation=cv2.INTER_LINEAR))
     out = cv2.cvtColor(cv2.imread(str(tmp_path / 'out' / 'img0.png')), cv2.COLOR_BGR2RGB)
@@ -107,7 +107,7 @@ def test_matching_flags_are_accepted_and_pt_checkpoints_take_the_flags(trained, 
                       '--out_dir', str(tmp_path / 'a')]) == 0
     # A PT-format file (six keys, no config) is built from the flags.
     state = utils.load_checkpoint(checkpoint)
-    pt = {key: state[key] for key in model.PT_KEYS}
+    pt = {key: state[key] for key in checkpoints.PT_KEYS}
     torch.save(pt, tmp_path / 'pt.pt')
     flags = tiny_flags(dataset, tmp_path / 'r', '--ch', '6', '--use_se', 'True')
     assert main.main([*flags, *common, '--checkpoint', str(tmp_path / 'pt.pt'), '--no_ema', 'True',

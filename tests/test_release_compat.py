@@ -9,8 +9,8 @@ import pytest
 import torch
 from conftest import make_dataset
 
+import checkpoints
 import main
-import model
 
 DATA = Path(__file__).resolve().parent / 'data' / 'release_v1'
 
@@ -29,13 +29,13 @@ def _check(translator, expected: dict, weights: str) -> None:
 
 @pytest.mark.parametrize('use_ema', [True, False])
 def test_training_checkpoint_translates_as_before(expected, use_ema):
-    translator, state = model.load_translator(DATA / 'tiny_params_0000003.pt', 'cpu', use_ema=use_ema)
+    translator, state = checkpoints.load_translator(DATA / 'tiny_params_0000003.pt', 'cpu', use_ema=use_ema)
     assert state['step'] == 3
     _check(translator, expected, 'ema' if use_ema else 'raw')
 
 
 def test_export_translates_as_before(expected):
-    translator, state = model.load_translator(DATA / 'export', 'cpu')
+    translator, state = checkpoints.load_translator(DATA / 'export', 'cpu')
     assert state['uses_ema']
     _check(translator, expected, 'ema')
 
@@ -44,7 +44,7 @@ def test_pt_format_file_translates_as_before_with_its_flags(expected):
     flags, _ = main.architecture_flags(['--light', 'True', '--ch', '4', '--n_res', '1', '--img_size', '32',
                              '--n_global_dis', '4', '--n_local_dis', '3', '--use_se', 'True'])
     assert flags is not None
-    translator, _ = model.load_translator(DATA / 'pt_format.pt', 'cpu', use_ema=False, flags=flags)
+    translator, _ = checkpoints.load_translator(DATA / 'pt_format.pt', 'cpu', use_ema=False, flags=flags)
     _check(translator, expected, 'raw')
 
 

@@ -51,7 +51,7 @@ def test_missing_test_folder_for_previews_fails_at_start(tiny_dataset, tmp_path,
 def test_error_after_step_one_writes_a_checkpoint_and_resumes(tiny_dataset, tmp_path, monkeypatch, capsys):
     import monitor
 
-    def broken_previews(self, trainer, step):
+    def broken_previews(self, step, columns, ema):
         raise OSError('disk full')
     monkeypatch.setattr(monitor.TrainingMonitor, 'previews', broken_previews)
     with pytest.raises(OSError, match='disk full'):

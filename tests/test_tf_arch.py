@@ -11,11 +11,12 @@ import pytest
 import torch
 from conftest import random_batches, tiny_flags, tiny_trainer
 
+import checkpoints
 import main
 import networks as N
 import tf_checkpoint as T
 import utils
-from model import build_critic, build_generator
+from model import ArchConfig, build_critic, build_generator
 from scripts import convert_tf_checkpoint as C
 
 DATA = Path(__file__).resolve().parent / 'data' / 'tf'
@@ -37,7 +38,7 @@ def _stems(ref, direction: str) -> list[str]:
 
 
 def _generator(state: dict, key: str) -> N.ResnetGenerator:
-    net = build_generator(state['config'])
+    net = build_generator(ArchConfig.from_dict(state['config']))
     net.load_state_dict(state[key])
     return net.eval()
 
@@ -148,7 +149,6 @@ def _official_png(image: np.ndarray) -> np.ndarray:
 def test_converted_checkpoint_translates_through_main_without_model_flags(tmp_path, name):
     """convert, then main.py --phase img_dir with only --checkpoint: the official translations to
     within one 8-bit level; float outputs (both directions) within 1e-4 through load_translator."""
-    import model
     out = tmp_path / 'converted.pt'
     assert C.main([str(DATA / name / 'ckpt'), str(out)] + (['--img_size', '64'] if IMG_SIZE[name] else [])) == 0
     assert main.main(['--phase', 'img_dir', '--img_dir', str(DATA / name / 'inputs' / 'testA'),
@@ -158,7 +158,7 @@ def test_converted_checkpoint_translates_through_main_without_model_flags(tmp_pa
     for stem in _stems(ref, 'A2B'):
         written = _png(tmp_path / 'A2B' / f'{stem}.png')
         assert np.abs(written - _official_png(ref[f'A2B/{stem}/image'])).max() <= 1
-    translator, _ = model.load_translator(out)
+    translator, _ = checkpoints.load_translator(out)
     for direction in DIRECTIONS:
         for stem in _stems(ref, direction):
             fake = translator.translate(_nchw(ref[f'{direction}/{stem}/input']), direction)
@@ -184,7 +184,7 @@ def test_smoothing_flag_matters(converted):
 def test_converted_discriminators_reproduce_official_outputs(converted, name, domain):
     """Logits, CAM logits and heatmaps of one training-mode run, and u after its power iteration."""
     state, ref = converted[name], _reference(name)
-    critic = build_critic(state['config'], domain)
+    critic = build_critic(ArchConfig.from_dict(state['config']), domain)
     x = _nchw(ref[f'D_{domain}/input'])
     for scale, tf_scale in (('G', 'global'), ('L', 'local')):
         net = critic[scale]
@@ -272,7 +272,7 @@ def test_converted_checkpoint_fine_tunes_with_resume(tiny_dataset, tmp_path):
     target = checkpoints.RunFiles(cfg.result_dir, cfg.dataset_name).checkpoint_path(0)
     assert C.main([str(tmp_path / 'tf'), str(target)]) == 0
     trainer = UGATIT(cfg)
-    assert checkpoints.resume(trainer) == target and trainer.step == 0
+    assert trainer._start_step() == 1 and trainer.step == 0   # resumed from the converted step-0 file
     converted = utils.load_checkpoint(target)
     for key in ('genA2B', 'disGB', 'disLA'):
         for name, value in trainer.pt_module(key).state_dict().items():

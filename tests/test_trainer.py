@@ -11,8 +11,9 @@ from conftest import random_batches, tiny_flags, tiny_trainer
 
 import main
 import utils
+from checkpoints import PT_KEYS
 from scripts.reference_step import reference_train_step
-from ugatit import PT_KEYS, UGATIT
+from ugatit import UGATIT
 
 _trainer = tiny_trainer
 _batches = random_batches

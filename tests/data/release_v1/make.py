@@ -38,8 +38,8 @@ def probe() -> torch.Tensor:
 def main() -> None:
     from conftest import make_dataset
 
+    import checkpoints
     import main as cli
-    import model
     with tempfile.TemporaryDirectory() as tmp:
         data = make_dataset(Path(tmp) / 'tiny')
         assert cli.main(['--dataset', str(data), '--result_dir', str(Path(tmp) / 'out'), *FLAGS]) == 0
@@ -52,7 +52,7 @@ def main() -> None:
                     str(HERE / 'tiny_params_0000003.pt'), '--out', str(HERE / 'export')], check=True)
     expected = {'probe': probe()}
     for name, use_ema in (('ema', True), ('raw', False)):
-        translator, _ = model.load_translator(HERE / 'tiny_params_0000003.pt', 'cpu', use_ema=use_ema)
+        translator, _ = checkpoints.load_translator(HERE / 'tiny_params_0000003.pt', 'cpu', use_ema=use_ema)
         for d in ('A2B', 'B2A'):
             out = translator.translate(probe(), d)
             expected[f'{name}_{d}'] = out.image

@@ -19,6 +19,7 @@ from PIL import Image
 
 import utils
 from dataset import test_transform
+from model import ArchConfig
 from networks import GeneratorOutput
 
 MULTIPLE = 4        # two stride-2 stages
@@ -28,20 +29,15 @@ MIN_SIDE = 8        # the bottleneck's reflection padding needs feature maps of 
 class Translates(Protocol):
     """What this module needs of a model.Translator."""
 
-    arch: dict
+    arch: ArchConfig
 
     def translate(self, images: torch.Tensor, direction: str) -> GeneratorOutput: ...
 
 
-def is_full(light: bool | int) -> bool:
-    """PT's full model (False) or EN's -1/0: the MLP input is the whole feature map."""
-    return light is False or (not isinstance(light, bool) and int(light) <= 0)
-
-
-def check_keep_size(arch: dict) -> None:
+def check_keep_size(arch: ArchConfig) -> None:
     """A one-line UserError for models that cannot translate other sizes, saying why."""
-    if is_full(arch['light']):
-        size = arch['img_size']
+    if arch.is_full:
+        size = arch.img_size
         raise utils.UserError(
             f'--keep_size needs a light model: this full model flattens its {size // 4}x{size // 4} feature map '
             f'into the gamma/beta MLP, so it only translates {size}x{size} images (drop --keep_size, or train '
@@ -90,7 +86,7 @@ def translate_image(translator: Translates, image: Image.Image, direction: str, 
     bilinear resize to img_size×img_size, and the output has that size.
     """
     if not keep_size:
-        size = translator.arch['img_size']
+        size = translator.arch.img_size
         out = translator.translate(test_transform(size)(image.convert('RGB')).unsqueeze(0), direction)
         return utils.tensor_to_uint8(out.image[0]), utils.heatmap_to_uint8(out.heatmap[0], (size, size))
     check_keep_size(translator.arch)

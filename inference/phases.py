@@ -2,7 +2,7 @@
 
 Kept apart from the trainer because they are about files, HTML and video streams rather than
 optimisation. Each phase gets an :class:`Inference`: the generators of one checkpoint, built from
-the architecture that checkpoint records (``model.load_translator``), and the run's folders. No
+the architecture that checkpoint records (``checkpoints.load_translator``), and the run's folders. No
 phase builds a discriminator, FaceNet or an optimizer, and only test/val read the dataset.
 """
 from __future__ import annotations
@@ -20,11 +20,13 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+import checkpoints
 import dataset as data
+import images
 import model
-import sizing
 import utils
 from checkpoints import RunFiles
+from inference import sizing
 
 VIDEO_EXTENSIONS = ('.mp4', '.avi', '.mov', '.mkv', '.ts', '.webm', '.m4v')
 
@@ -58,7 +60,7 @@ def run(cfg) -> None:
 def _dataset_root(cfg) -> Path | None:
     try:
         return data.resolve_dataset_root(cfg.dataset)
-    except data.DatasetError:
+    except images.DatasetError:
         return None   # img_dir/video need no dataset
 
 
@@ -78,7 +80,7 @@ def find_checkpoint(cfg) -> Path:
 
 def load(cfg) -> Inference:
     path = find_checkpoint(cfg)
-    translator, state = model.load_translator(path, cfg.device, use_ema=not cfg.no_ema, flags=cfg,
+    translator, state = checkpoints.load_translator(path, cfg.device, use_ema=not cfg.no_ema, flags=cfg,
                                               explicit=cfg.explicit, compile=cfg.compile)
     translator.autocast = lambda: utils.autocast(cfg.amp, translator.device.type)
     if cfg.no_ema and state['uses_ema']:
@@ -142,8 +144,8 @@ def _translate_tree(job: Inference, folder: Path, out: Path, direction: str) -> 
         return [(name, path, _translate_file_at_own_size(job, path, out / f'{name}.png', direction))
                 for name, path in tqdm(sources.items(), desc=f'{direction} {folder.name}', file=sys.stderr)]
     written = []
-    for images, names in tqdm(loader, desc=f'{direction} {folder.name}', file=sys.stderr):
-        fakes = job.translate(images, direction)
+    for batch, names in tqdm(loader, desc=f'{direction} {folder.name}', file=sys.stderr):
+        fakes = job.translate(batch, direction)
         for name, fake in zip(names, fakes):
             target = out / f'{name}.png'
             utils.save_rgb(target, utils.tensor_to_uint8(fake))
@@ -152,7 +154,7 @@ def _translate_tree(job: Inference, folder: Path, out: Path, direction: str) -> 
 
 
 def _translate_file_at_own_size(job: Inference, source: Path, target: Path, direction: str) -> Path:
-    translation, _ = sizing.translate_image(job.translator, data.load_rgb(source), direction, keep_size=True,
+    translation, _ = sizing.translate_image(job.translator, images.load_rgb(source), direction, keep_size=True,
                                             max_size=job.cfg.max_size)
     utils.save_rgb(target, translation)
     return target
@@ -162,8 +164,8 @@ def _write_strips(job: Inference, folder: Path, strips_dir: Path, direction: str
     """PT's visual strips (real, heatmaps, translation, cycle) per image, at img_size."""
     loader = data.build_test_loader(folder, job.img_size, batch_size=job.cfg.batch_size,
                                     num_workers=min(job.cfg.num_workers, 2))
-    for images, names in loader:
-        for name, column in zip(names, job.translator.visual_columns(images, direction)):
+    for batch, names in loader:
+        for name, column in zip(names, job.translator.visual_columns(batch, direction)):
             utils.save_rgb(strips_dir / f'{name}.png', utils.grid([column]))
 
 
@@ -206,7 +208,8 @@ def validate(job: Inference) -> None:
     """``--phase val``: FID/KID of the checkpoint's generators (raw and EMA), printed."""
     from metrics.training import TranslationMetrics
     cfg = job.cfg
-    raw, state = model.load_translator(job.checkpoint, cfg.device, use_ema=False, flags=cfg, explicit=cfg.explicit)
+    raw, state = checkpoints.load_translator(job.checkpoint, cfg.device, use_ema=False, flags=cfg,
+                                             explicit=cfg.explicit)
     if state['has_ema'] and not cfg.no_ema:
         translators = {'': raw, '_ema': job.translator}
     else:   # raw weights, or an export of the EMA weights only
@@ -272,13 +275,13 @@ def _translate_photos(job: Inference, folder: Path, out: Path) -> None:
     the aligned faces are translated and pasted back. Unreadable files are skipped with a warning,
     photos without a face are noted (and copied unchanged)."""
     translate = frame_translator(job)
-    paths = data.find_images(folder)
+    paths = images.find_images(folder)
     names = data.output_names(paths, folder)
     written = unreadable = faceless = 0
     for path, name in tqdm(list(zip(paths, names)), desc='photos', file=sys.stderr):
         try:
-            rgb = np.asarray(data.load_rgb(path))
-        except data.DatasetError as exc:
+            rgb = np.asarray(images.load_rgb(path))
+        except images.DatasetError as exc:
             print(f'warning: skipping {path}: {exc}', file=sys.stderr)
             unreadable += 1
             continue
