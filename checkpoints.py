@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+import hub
 import utils
 from model import DIRECTIONS, ArchConfig, Translator, build_generator
 
@@ -351,10 +352,26 @@ def read_export(folder: str | Path) -> dict:
 # Any stored form, back into generators for inference
 
 
+def resolve_location(path: str | Path, onnx: bool = False) -> Path:
+    """Where a ``--checkpoint`` lies on this machine: a local path as given; ``hf://OWNER/NAME[@REV]``
+    fetched into (or found in) the Hugging Face cache, which must hold an export."""
+    if not hub.is_hub_uri(path):
+        return Path(path)
+    folder = hub.fetch(str(path), onnx=onnx)
+    try:
+        found = json.loads((folder / CONFIG_NAME).read_text()).get('format')
+    except (OSError, ValueError, AttributeError):
+        found = None
+    if found != EXPORT_FORMAT:
+        raise utils.UserError(f'{path} is not a U-GAT-IT export (no {CONFIG_NAME} with format {EXPORT_FORMAT!r}); '
+                              f'publish one with scripts/export.py --push_to_hub')
+    return folder
+
+
 def read_checkpoint(path: str | Path) -> dict:
-    """A checkpoint file's contents (or an export folder's, shaped like one) on the CPU, or a
-    one-line UserError saying why it cannot be read."""
-    path = Path(path)
+    """A checkpoint file's contents (or an export folder's, shaped like one, also ``hf://``) on the
+    CPU, or a one-line UserError saying why it cannot be read."""
+    path = resolve_location(path)
     if is_export(path):
         return read_export(path)
     if path.is_dir():
@@ -402,6 +419,13 @@ def load_translator(path: str | Path, device: torch.device | str = 'cpu', use_em
     copies when present and ``use_ema``). Returns the translator and the checkpoint's contents
     (step, config, ...; ``uses_ema`` says whether the generators are EMA copies)."""
     state = read_checkpoint(path)   # CPU: only the two generators go to the device
+    return translator_from_state(state, device, use_ema, flags, explicit, compile)
+
+
+def translator_from_state(state: dict, device: torch.device | str = 'cpu', use_ema: bool = True,
+                          flags: object | None = None, explicit: object = (),
+                          compile: bool = False) -> tuple[Translator, dict]:
+    """:func:`load_translator` for contents already in memory (a converted TF checkpoint)."""
     arch = resolve_arch(state, flags, explicit)
     generators = {}
     for d in DIRECTIONS:

@@ -4,6 +4,7 @@ B→A, and see the translation next to the input with the generator's CAM heatma
     pip install -r requirements-extras.txt
     python demo.py --checkpoint results/selfie2anime/model/selfie2anime_params_1000000.pt [--port 7860]
     python demo.py --checkpoint exports/selfie2anime          # a folder written by scripts/export.py
+    python demo.py --checkpoint hf://OWNER/NAME               # an export on the Hugging Face Hub
 
 The page is a Gradio app, so its translate call is also an HTTP API named ``translate``:
 
@@ -29,10 +30,12 @@ import torch
 from PIL import Image
 
 import checkpoints
+import hub
 import images
 import options
 import utils
 from inference import sizing
+from model import Translator
 
 REPO = Path(__file__).resolve().parent
 DEFAULT_EXAMPLES = (REPO / 'dataset' / 'demo' / 'testA', REPO / 'dataset' / 'demo' / 'testB')
@@ -48,14 +51,15 @@ def build_parser() -> argparse.ArgumentParser:
                                      epilog="Other flags are main.py's model flags, needed only for PT-format "
                                      'checkpoints.', formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument('--checkpoint', required=True,
-                        help='training checkpoint (.pt) or export folder (scripts/export.py)')
+                        help='training checkpoint (.pt), export folder (scripts/export.py) or hf://OWNER/NAME[@REVISION]')
     parser.add_argument('--port', type=int, default=7860, help='port to serve the page on')
     parser.add_argument('--host', default='127.0.0.1', help="address to listen on ('0.0.0.0': every interface)")
     parser.add_argument('--device', default='cpu', help="'cpu', 'cuda' or 'cuda:N'")
     parser.add_argument('--no_ema', action='store_true', help='use the raw generators even when EMA weights exist')
-    parser.add_argument('--amp', default='off', choices=('off', 'bf16', 'fp16'),
-                        help='mixed precision: bf16 about halves the CPU time on CPUs with bfloat16 support '
-                        '(translations within a few 8-bit levels); fp16 needs CUDA')
+    parser.add_argument('--amp', default='auto', choices=('auto', 'off', 'bf16', 'fp16'),
+                        help='mixed precision. auto: time one translation with each (off and bf16; on CUDA fp16 too) '
+                        'at start-up and keep the fastest, since bf16 halves the time on some CPUs and slows others; '
+                        'bf16/fp16 translate within a few 8-bit levels of off; fp16 needs CUDA')
     parser.add_argument('--max_size', type=int, default=512,
                         help='light models: the long side is at most this while translating (0: no limit)')
     parser.add_argument('--examples', nargs='*', type=Path, default=None,
@@ -162,6 +166,11 @@ def build_page(model: DemoModel, examples: list[tuple[Path, str]], title: str):
     return page
 
 
+def title(checkpoint: str) -> str:
+    """The page's name for a model: OWNER/NAME of an hf:// one, else the file or folder name."""
+    return checkpoint.removeprefix('hf://') if hub.is_hub_uri(checkpoint) else Path(checkpoint).name
+
+
 def load_model(checkpoint: str, device: str, use_ema: bool, model_flags: list[str] = ()):
     """A model.Translator from a training checkpoint or an export folder (one-line errors);
     ``model_flags``: main.py's model flags, for PT-format checkpoints only."""
@@ -175,6 +184,43 @@ def load_model(checkpoint: str, device: str, use_ema: bool, model_flags: list[st
           f'{translator.arch.img_size} px, {"full" if translator.arch.is_full else "light"})',
           file=sys.stderr)
     return translator
+
+
+def precisions(device: torch.device) -> tuple[str, ...]:
+    """The --amp modes worth timing on this device (bf16 on a GPU only where it is supported)."""
+    if device.type != 'cuda':
+        return ('off', 'bf16')
+    return ('off', 'fp16') + (('bf16',) if torch.cuda.is_bf16_supported() else ())
+
+
+def time_translation(translator: Translator, amp: str) -> float:
+    """Seconds for one img_size translation under ``amp``, after one untimed call (kernel choice,
+    allocations and bf16 weight casts are one-off costs, not the page's)."""
+    translator.autocast = lambda: utils.autocast(amp, translator.device.type)
+    size = translator.arch.img_size
+    image = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    seconds = 0.0
+    for _ in range(2):
+        start = time.perf_counter()
+        translator.translate(image, 'A2B')
+        if translator.device.type == 'cuda':
+            torch.cuda.synchronize(translator.device)
+        seconds = time.perf_counter() - start
+    return seconds
+
+
+def choose_precision(translator: Translator, amp: str) -> tuple[str, str]:
+    """The --amp mode to serve with and the line that says why: an explicit mode as given, 'auto'
+    the fastest by :func:`time_translation`. Sets the translator's autocast to it."""
+    if amp == 'auto':
+        times = {mode: time_translation(translator, mode) for mode in precisions(translator.device)}
+        amp = min(times, key=times.get)
+        measured = ', '.join(f'{mode} {seconds:.3f} s' for mode, seconds in times.items())
+        note = f'precision: {amp} (the fastest at start-up: {measured} per translation; --amp sets it)'
+    else:
+        note = f'precision: {amp} (--amp)'
+    translator.autocast = lambda: utils.autocast(amp, translator.device.type)
+    return amp, note
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -197,9 +243,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         translator = load_model(args.checkpoint, args.device, not args.no_ema, model_flags)
-        translator.autocast = lambda: utils.autocast(args.amp, translator.device.type)
+        _, note = choose_precision(translator, args.amp)
+        print(note, file=sys.stderr)
         demo_model = DemoModel(translator, args.max_size)
-        page = build_page(demo_model, example_images(args.examples), f'U-GAT-IT: {Path(args.checkpoint).name}')
+        page = build_page(demo_model, example_images(args.examples), f'U-GAT-IT: {title(args.checkpoint)}')
     except utils.UserError as exc:
         print(f'error: {exc}', file=sys.stderr)
         return 2

@@ -11,6 +11,7 @@ import os
 import sys
 from pathlib import Path
 
+import hub
 import presets
 import utils
 from augment import AdaOptions
@@ -96,8 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(run, '--resume', False, 'continue from the newest checkpoint (step + 1, optimizer, RNG, EMA, ADA)')
     _flag(run, '--overwrite', False, 'start a fresh run although the results folder holds one: the old run is '
           'moved to RESULT_DIR/<dataset>.old-<time> (nothing is deleted)')
-    run.add_argument('--checkpoint', default=None, help='checkpoint file (anywhere) or export folder '
-                     '(scripts/export.py) for the inference phases; the architecture is read from it. None: the '
+    run.add_argument('--checkpoint', default=None, help='checkpoint file (anywhere), export folder '
+                     '(scripts/export.py) or hf://OWNER/NAME[@REVISION] (an export on the Hugging Face Hub) for the '
+                     'inference phases; the architecture is read from it. None: the '
                      'newest one of the run')
     _flag(run, '--no_ema', False, 'translate with the raw generators even when EMA weights exist')
     run.add_argument('--img_dir', default=None, help='folder to translate with --phase img_dir/generate')
@@ -493,7 +495,8 @@ def _validate_phase(cfg, fail) -> None:
         fail(f'--video_path: {cfg.video_path} is not a file')
     if cfg.video_path and cfg.phase == 'video_dir' and not Path(cfg.video_path).is_dir():
         fail(f'--video_path: {cfg.video_path} is not a folder')
-    if cfg.checkpoint and not Path(cfg.checkpoint).is_file() and not Path(cfg.checkpoint, 'config.json').is_file():
+    if cfg.checkpoint and not hub.is_hub_uri(cfg.checkpoint) and not Path(cfg.checkpoint).is_file() \
+            and not Path(cfg.checkpoint, 'config.json').is_file():   # hf:// is fetched (and checked) on load
         fail(f'--checkpoint: {cfg.checkpoint} is neither a checkpoint file nor an export folder (with config.json)')
     if cfg.keep_size and cfg.phase in ('train', 'val'):
         fail(f'--keep_size applies to the translating phases (test, img_dir, generate, video, video_dir, camera), '

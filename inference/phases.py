@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 import checkpoints
 import dataset as data
+import hub
 import images
 import model
 import utils
@@ -38,7 +39,7 @@ class Inference:
     translator: model.Translator
     cfg: object
     run_dir: Path
-    checkpoint: Path
+    checkpoint: Path | str   # a file, an export folder or hf://OWNER/NAME
     aligner: object = None
 
     @property
@@ -64,10 +65,11 @@ def _dataset_root(cfg) -> Path | None:
         return None   # img_dir/video need no dataset
 
 
-def find_checkpoint(cfg) -> Path:
-    """``--checkpoint`` or the newest checkpoint of the run (never one of another dataset folder)."""
+def find_checkpoint(cfg) -> Path | str:
+    """``--checkpoint`` or the newest checkpoint of the run (never one of another dataset folder);
+    an ``hf://`` name stays a string (a Path would fold its //) for checkpoints.resolve_location."""
     if cfg.checkpoint:
-        return Path(cfg.checkpoint)
+        return cfg.checkpoint if hub.is_hub_uri(cfg.checkpoint) else Path(cfg.checkpoint)
     files = RunFiles(cfg.result_dir, cfg.dataset_name)
     root = _dataset_root(cfg)
     found = files.newest(accept=lambda state: root is None or state.get('config', {}).get('dataset_root') in

@@ -1,6 +1,7 @@
 """Convert an official TensorFlow U-GAT-IT checkpoint (taki0112/UGATIT) into this project's format.
 
     python scripts/convert_tf_checkpoint.py CKPT OUT.pt [--smoothing True|False] [--img_size N]
+    python scripts/convert_tf_checkpoint.py CKPT --export DIR [--license ...] [--samples DIR] [--onnx]
 
 CKPT is a checkpoint prefix (``.../UGATIT.model-1000000``, the part before ``.index``) or its
 folder (the newest one its ``checkpoint`` file names). TensorFlow is not needed. The model is
@@ -18,6 +19,8 @@ message listing them.
 OUT.pt holds PT's keys genA2B/genB2A (+ disGA/disGB/disLA/disLB), the architecture config
 (``arch`` 'tf', ``tf_graph``, ``smoothing``, ``light``, ``ch``, ``img_size``, …) and ``step`` 0,
 so ``python main.py --phase test|img_dir|video --checkpoint OUT.pt`` needs no model flag.
+``--export DIR`` writes the generators straight into an export folder with its model card (as
+scripts/export.py would from OUT.pt), without the training checkpoint in between.
 """
 from __future__ import annotations
 
@@ -34,9 +37,12 @@ import torch
 if __package__ in (None, ''):  # run as a file: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import checkpoints  # noqa: E402
 import utils  # noqa: E402
 from checkpoints import TRAINING_FORMAT  # noqa: E402
+from inference import model_card  # noqa: E402
 from model import ArchConfig, build_critic, build_generator  # noqa: E402
+from scripts import export as export_cli  # noqa: E402
 from tf_checkpoint import CheckpointError, TFCheckpoint  # noqa: E402
 
 OPTIMIZER_SLOT = re.compile(r'/Adam(_1)?$|^beta[12]_power(_\d+)?$')
@@ -283,6 +289,15 @@ def tf_shapes(arch: dict) -> dict[str, tuple[int, ...]]:
 TF_RUN_FOLDER = re.compile(r'^UGATIT(_light)?_.+_\d+resblock_\d+dis_\d+_[^_]+_[^_]+_[^_]+_[^_]+(_sn)?(_smoothing)?$')
 
 
+TF_DATASET = re.compile(r'^UGATIT(?:_light)?_(.+)_[^_]+_\d+resblock_')
+
+
+def dataset_of(prefix: Path) -> str | None:
+    """The dataset in TF's run-folder name (UGATIT_<dataset>_<gan_type>_...; gan types hold no '_')."""
+    match = TF_RUN_FOLDER.match(prefix.parent.name) and TF_DATASET.match(prefix.parent.name)
+    return match.group(1) if match else None
+
+
 def smoothing_of(prefix: Path, given: bool | None) -> tuple[bool, str]:
     """--smoothing is not stored in the checkpoint, but TF names its run folder after it."""
     if given is not None:
@@ -293,18 +308,24 @@ def smoothing_of(prefix: Path, given: bool | None) -> tuple[bool, str]:
     return True, "TF's default; pass --smoothing False if the model was trained without it"
 
 
-def convert(path: str | Path, smoothing: bool | None = None, img_size: int | None = None) -> dict:
+def convert(path: str | Path, smoothing: bool | None = None, img_size: int | None = None,
+            generators_only: bool = False) -> dict:
     """The checkpoint dict of this project for the TF checkpoint at ``path`` (prefix or folder);
-    ``smoothing`` None reads it from TF's run-folder name, else TF's default True."""
+    ``smoothing`` None reads it from TF's run-folder name, else TF's default True. Every variable
+    is checked either way; ``generators_only`` skips converting the discriminators (an export)."""
     ckpt = TFCheckpoint(path)
     smoothing, smoothing_source = smoothing_of(ckpt.prefix, smoothing)
     arch = infer_arch(ckpt.shapes(), smoothing, img_size)
     nets = network_rules(arch)
     check_variables(list(ckpt), nets)
+    if generators_only:
+        nets = {key: nets[key] for key in GENERATORS}
     shapes = expected_shapes(arch)
     state = {key: convert_network(ckpt, scope, rules, shapes[key]) for key, (scope, rules) in nets.items()}
     step = re.search(r'-(\d+)$', ckpt.prefix.name)
     config = {k: v for k, v in arch.items() if k != 'has_discriminators'}
+    if dataset_of(ckpt.prefix):
+        config['dataset_name'] = dataset_of(ckpt.prefix)
     state.update({'config': config, 'architecture': ArchConfig.from_dict(config).to_dict(), 'step': 0, 'format': FORMAT,
                   'source': {'tf_checkpoint': str(ckpt.prefix), 'tf_step': int(step.group(1)) if step else -1,
                              'smoothing': smoothing_source}})
@@ -327,13 +348,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument('checkpoint', help='TF checkpoint prefix (.../UGATIT.model-N) or its folder')
-    parser.add_argument('output', type=Path, help='the .pt file to write')
+    parser.add_argument('output', type=Path, nargs='?', default=None, help='the .pt file to write (or --export)')
+    parser.add_argument('--export', type=Path, default=None, metavar='DIR',
+                        help='write an export folder (generators as safetensors, config.json, model card) '
+                        'instead of the .pt file')
     parser.add_argument('--smoothing', type=_bool, default=None, metavar='BOOL',
                         help="TF's --smoothing the model was trained with; not stored in the checkpoint. None: "
                         "from TF's run-folder name (…_smoothing), else True (TF's default)")
     parser.add_argument('--img_size', type=int, default=None,
                         help='image size of a light model (not stored in it; default 256, TF\'s default); '
                         'full models record it')
+    sharing = parser.add_argument_group('with --export (as scripts/export.py)')
+    export_cli.add_sharing_flags(sharing)
     return parser
 
 
@@ -348,16 +374,39 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     start = time.perf_counter()
     try:
-        if args.img_size is not None and (args.img_size < 4 or args.img_size % 4):
-            raise utils.UserError(f'--img_size must be a positive multiple of 4, got {args.img_size}')
-        state = convert(args.checkpoint, args.smoothing, args.img_size)
-        utils.atomic_save(state, args.output)
+        check_args(args)
+        state = convert(args.checkpoint, args.smoothing, args.img_size, generators_only=args.export is not None)
+        written = write_export(state, args) if args.export else []
+        if args.output:
+            utils.atomic_save(state, args.output)
     except (utils.UserError, CheckpointError, OSError) as exc:
         print(f'error: {exc}', file=sys.stderr)
         return 2
-    print(f'wrote {args.output}: {describe(state)} ({time.perf_counter() - start:.1f} s)')
+    target = args.export or args.output
+    print(f'wrote {target}: {describe(state)} ({time.perf_counter() - start:.1f} s)')
+    for line in utils.file_report(written) if written else []:
+        print(f'  {line}')
     return 0
 
+
+def check_args(args: argparse.Namespace) -> None:
+    """Exactly one of OUT.pt and --export; the export's own flags only with it."""
+    if (args.output is None) == (args.export is None):
+        raise utils.UserError('give exactly one of OUT.pt (a checkpoint to fine-tune or translate with) and '
+                              '--export DIR (a folder to share)')
+    if args.export is None and (args.onnx or args.license or args.samples):
+        raise utils.UserError('--onnx, --license and --samples describe an export: add --export DIR')
+    if args.img_size is not None and (args.img_size < 4 or args.img_size % 4):
+        raise utils.UserError(f'--img_size must be a positive multiple of 4, got {args.img_size}')
+
+
+def write_export(state: dict, args: argparse.Namespace) -> list[Path]:
+    """The converted generators as an export folder with its card, as scripts/export.py writes it
+    from the converted .pt file."""
+    translator, state = checkpoints.translator_from_state(state)
+    card = model_card.CardOptions(args.license, model_card.samples_root(args.samples, {}))
+    return export_cli.write_folder(translator, state, args.export, source=Path(args.checkpoint).name,
+                                   onnx=args.onnx, card=card)
 
 if __name__ == '__main__':
     sys.exit(main())

@@ -48,7 +48,7 @@ def test_export_writes_config_and_generators_and_reports_size_and_sha256(trained
     _, checkpoint = trained
     printed = export(checkpoint, tmp_path / 'exp', capsys=capsys)
     files = {line.split()[0]: line for line in printed.splitlines()[1:]}
-    assert sorted(files) == ['A2B.safetensors', 'B2A.safetensors', 'config.json']
+    assert sorted(files) == ['A2B.safetensors', 'B2A.safetensors', 'README.md', 'config.json', 'samples.png']
     for name, line in files.items():
         data = (tmp_path / 'exp' / name).read_bytes()
         assert line.endswith(hashlib.sha256(data).hexdigest())
@@ -182,6 +182,119 @@ def test_export_refuses_to_write_into_an_unrelated_folder(trained, tmp_path, cap
     (tmp_path / 'docs' / 'notes.txt').write_text('keep me')
     assert export_cli.main(['--checkpoint', str(checkpoint), '--out', str(tmp_path / 'docs')]) == 2
     assert 'not an export folder' in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------
+# The model card
+
+
+def front_matter(card: str) -> dict:
+    """The card's YAML front matter with a parser of the subset the Hub's cards use (``key: value``,
+    ``- item`` lists, JSON-quoted strings), checked against PyYAML where it is installed."""
+    lines = card.split('\n')
+    assert lines[0] == '---'
+    block = lines[1:lines.index('---', 1)]
+    parsed: dict = {}
+    key = ''
+    for line in block:
+        if line.startswith('- '):
+            parsed[key].append(_scalar(line[2:]))
+        else:
+            key, _, value = line.partition(': ') if ': ' in line else (line.rstrip(':'), '', '')
+            parsed[key] = _scalar(value) if value else []
+    try:
+        import yaml
+    except ImportError:
+        return parsed
+    assert yaml.safe_load('\n'.join(block)) == parsed
+    return parsed
+
+
+def _scalar(text: str) -> str:
+    return json.loads(text) if text.startswith('"') else text
+
+
+def run_copy(checkpoint: Path, tmp_path: Path) -> Path:
+    """The checkpoint in a run folder of its own (<run>/model/<file>), to put a metrics.jsonl beside."""
+    model_dir = tmp_path / 'run' / 'tiny' / 'model'
+    model_dir.mkdir(parents=True)
+    copy = model_dir / checkpoint.name
+    copy.write_bytes(checkpoint.read_bytes())
+    return copy
+
+
+def metrics_line(step: int, fid: float, hashes: dict[str, str], suffix: str) -> str:
+    scores = {f'{metric}/{d}{suffix}': value for d in hashes for metric, value in
+              (('FID', fid), ('KID', 0.0123), ('KID_std', 0.0045))}
+    return json.dumps({'step': step, **scores, 'generators': {f'{d}{suffix}': h for d, h in hashes.items()}})
+
+
+def test_card_front_matter_parses_and_names_the_model(trained, tmp_path):
+    _, checkpoint = trained
+    export(checkpoint, tmp_path / 'exp', '--license', 'apache-2.0')
+    card = (tmp_path / 'exp' / 'README.md').read_text()
+    meta = front_matter(card)
+    assert meta == {'library_name': 'pytorch', 'pipeline_tag': 'image-to-image',
+                    'tags': ['image-to-image', 'u-gat-it', 'gan'], 'license': 'apache-2.0', 'datasets': ['tiny']}
+    assert '| image size | 32 px |' in card and '| base channels (`ch`) | 4 |' in card
+    assert '- training step: 2' in card and '- seed: 0' in card
+    assert '`--light True --ch 4 --n_res 1 --n_global_dis 4 --n_local_dis 3 --img_size 32 --iteration 2 ' \
+           '--ema_start 0.0`' in card   # what differs from main.py's defaults, nothing else
+    for command in ('python main.py --phase img_dir --checkpoint', 'python demo.py --checkpoint',
+                    'ort.InferenceSession('):
+        assert command in card
+    export(checkpoint, tmp_path / 'unlicensed')
+    assert 'license' not in front_matter((tmp_path / 'unlicensed' / 'README.md').read_text())
+
+
+def test_card_shows_fid_only_for_a_matching_generator_hash(trained, tmp_path):
+    from metrics.training import module_sha256
+    _, checkpoint = trained
+    copy = run_copy(checkpoint, tmp_path)
+    ema, _ = checkpoints.load_translator(checkpoint)                   # what the export holds
+    raw, _ = checkpoints.load_translator(checkpoint, use_ema=False)
+    hashes = {d: module_sha256(ema.generators[d]) for d in ('A2B', 'B2A')}
+    raw_hashes = {d: module_sha256(raw.generators[d]) for d in ('A2B', 'B2A')}
+    assert hashes != raw_hashes
+    metrics = copy.parents[1] / 'metrics.jsonl'
+    metrics.write_text(metrics_line(1, 111.1, raw_hashes, '') + '\n' +
+                       metrics_line(2, 42.5, {'A2B': hashes['A2B'], 'B2A': 'f' * 64}, '_ema') + '\n')
+    export(copy, tmp_path / 'none')
+    card = (tmp_path / 'none' / 'README.md').read_text()
+    assert 'No FID/KID on record' in card and '111.1' not in card and '42.5' not in card
+
+    with metrics.open('a') as f:
+        f.write(metrics_line(2, 42.5, hashes, '_ema') + '\n')
+    export(copy, tmp_path / 'scored')
+    card = (tmp_path / 'scored' / 'README.md').read_text()
+    assert 'step 2 (EMA generators' in card and '| A → B | 42.50 | 0.0123 ± 0.0045 |' in card
+    assert '111.1' not in card
+    export(copy, tmp_path / 'raw', '--no_ema')   # the raw generators get the raw score
+    assert '| B → A | 111.10 |' in (tmp_path / 'raw' / 'README.md').read_text()
+    export(copy, tmp_path / 'half', '--fp16')    # rounded weights are other weights
+    assert 'No FID/KID on record' in (tmp_path / 'half' / 'README.md').read_text()
+
+
+def test_samples_grid_from_the_dataset_or_samples_flag(trained, tmp_path, capsys):
+    data, checkpoint = trained
+    export(checkpoint, tmp_path / 'exp')
+    # three test images per domain: rows A, A→B, B, B→A of 32-px tiles
+    assert Image.open(tmp_path / 'exp' / 'samples.png').size == (3 * 32, 4 * 32)
+    assert '![samples](samples.png)' in (tmp_path / 'exp' / 'README.md').read_text()
+    other = tmp_path / 'other'
+    make_domain(other / 'testA', 6, 50, (10, 200, 10), 1)
+    make_domain(other / 'testB', 5, 30, (10, 10, 200), 2)
+    export(checkpoint, tmp_path / 'exp', '--samples', str(other))   # at most 4 per domain
+    grid = np.asarray(Image.open(tmp_path / 'exp' / 'samples.png'))
+    assert grid.shape == (4 * 32, 4 * 32, 3)
+    assert grid[:32, :32, 1].mean() > grid[:32, :32, 0].mean()   # the first row is --samples' testA
+    assert export_cli.main(['--checkpoint', str(checkpoint), '--out', str(tmp_path / 'x'), '--samples',
+                            str(data / 'testA')]) == 2
+    assert 'needs testA/ and testB/' in capsys.readouterr().err
+    # an export re-exported elsewhere has no dataset: no samples, and no stale grid left behind
+    export(tmp_path / 'exp', tmp_path / 'exp')
+    assert not (tmp_path / 'exp' / 'samples.png').exists()
+    assert 'samples.png' not in (tmp_path / 'exp' / 'README.md').read_text()
 
 
 # ----------------------------------------------------------------------------------------------

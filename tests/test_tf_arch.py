@@ -343,6 +343,45 @@ def test_cli_writes_a_loadable_checkpoint_and_fails_in_one_line(tmp_path, capsys
     assert err.startswith('error: no TF checkpoint') and err.count('\n') == 1
 
 
+@pytest.mark.parametrize('name', list(IMG_SIZE))
+def test_convert_export_equals_convert_then_export(tmp_path, name):
+    """--export writes what scripts/export.py writes from the converted file: the same weights, the
+    same translations pixel for pixel, and a card that names the TF origin and its license."""
+    from PIL import Image
+
+    from scripts import export as export_cli
+    size = ['--img_size', '64'] if IMG_SIZE[name] else []
+    assert C.main([str(DATA / name / 'ckpt'), '--export', str(tmp_path / 'direct'), *size]) == 0
+    assert C.main([str(DATA / name / 'ckpt'), str(tmp_path / 'converted.pt'), *size]) == 0
+    assert export_cli.main(['--checkpoint', str(tmp_path / 'converted.pt'), '--out', str(tmp_path / 'two')]) == 0
+    direct, two = (json.loads((tmp_path / f / 'config.json').read_text()) for f in ('direct', 'two'))
+    assert {k: v for k, v in direct.items() if k != 'source'} == {k: v for k, v in two.items() if k != 'source'}
+    assert direct['converted_from'] == 'ckpt/UGATIT.model-1000' and direct['converted_step'] == 1000
+    outputs = {}
+    for folder in ('direct', 'two'):
+        assert main.main(['--phase', 'img_dir', '--img_dir', str(DATA / name / 'inputs' / 'testA'), '--checkpoint',
+                          str(tmp_path / folder), '--out_dir', str(tmp_path / f'{folder}_A2B'), '--result_dir',
+                          str(tmp_path / 'r'), '--device', 'cpu', '--num_workers', '0']) == 0
+        outputs[folder] = {p.name: np.asarray(Image.open(p)) for p in sorted((tmp_path / f'{folder}_A2B').glob('*'))}
+    assert outputs['direct'].keys() == outputs['two'].keys() and outputs['direct']
+    assert all(np.array_equal(outputs['direct'][k], outputs['two'][k]) for k in outputs['direct'])
+    card, card_two = ((tmp_path / f / 'README.md').read_text().replace((tmp_path / f).as_posix(), 'DIR')
+                      for f in ('direct', 'two'))
+    assert card == card_two   # the usage commands name each folder
+    assert 'license: other' in card and 'github.com/taki0112/UGATIT' in card
+    assert 'license and terms of the original release apply' in card and '- training step: 1000 (TensorFlow)' in card
+
+
+def test_convert_export_and_output_exclude_each_other(tmp_path, capsys):
+    ckpt = str(DATA / 'tf_2019_full64' / 'ckpt')
+    for argv in ([ckpt], [ckpt, str(tmp_path / 'x.pt'), '--export', str(tmp_path / 'exp')],
+                 [ckpt, str(tmp_path / 'x.pt'), '--license', 'mit']):
+        assert C.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith('error: ') and err.count('\n') == 1
+    assert not list(tmp_path.iterdir())
+
+
 # ----------------------------------------------------------------------------------------------
 # Training with --arch tf
 
