@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 import dataset as data
+import images
 import options
 import utils
 from checkpoints import CONFIG_NAME
@@ -87,13 +88,15 @@ def run_dir_of(checkpoint: str | Path, dataset_name: str | None) -> Path | None:
 def samples_root(options_samples: Path | None, config: Mapping) -> Path | None:
     """--samples, else the training dataset when its test folders are on this machine."""
     if options_samples is not None:
-        if not all((Path(options_samples) / f'test{d}').is_dir() for d in 'AB'):
+        if not _has_test_images(Path(options_samples)):
             raise utils.UserError(f'--samples {options_samples}: needs testA/ and testB/ folders of images')
         return Path(options_samples)
     root = config.get('dataset_root')
-    if root and all((Path(root) / f'test{d}').is_dir() for d in 'AB'):
-        return Path(root)
-    return None
+    return Path(root) if root and _has_test_images(Path(root)) else None
+
+
+def _has_test_images(root: Path) -> bool:
+    return all((root / f'test{d}').is_dir() and images.find_images(root / f'test{d}') for d in 'AB')
 
 
 # ----------------------------------------------------------------------------------------------
@@ -180,9 +183,12 @@ def training_section(config: Mapping) -> str:
     lines = [f'- training step: {step}' + (' (TensorFlow)' if converted else '')]
     if config.get('seed') is not None:
         lines.append(f'- seed: {config["seed"]}')
-    shown = ' '.join(config.get('training_flags') or [])
-    lines.append(f'- flags that differ from the defaults: `{shown}`' if shown else
-                 '- flags that differ from the defaults: none')
+    flags = config.get('training_flags')
+    if flags is None:   # PT-format files record no flags
+        lines.append('- training flags: not recorded in the checkpoint')
+    else:
+        lines.append(f'- flags that differ from the defaults: `{" ".join(flags)}`' if flags else
+                     '- flags that differ from the defaults: none')
     return '\n'.join(lines)
 
 

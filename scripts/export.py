@@ -87,7 +87,7 @@ def export_metadata(state: dict, source: str | Path) -> dict:
     """What config.json records besides the architecture: enough for the card of a re-export too."""
     config = state.get('config') or {}
     exported = state.get('format') == checkpoints.EXPORT_FORMAT   # an export's config carries these already
-    flags = config.get('training_flags') if exported else model_card.changed_flags(config)
+    flags = config.get('training_flags') if exported or not config else model_card.changed_flags(config)
     return {'step': int(state.get('step', 0)), 'ema': bool(state['uses_ema']),
             'dataset_name': config.get('dataset_name'), 'seed': config.get('seed'), 'training_flags': flags,
             **model_card.provenance(state), 'source': source if hub.is_hub_uri(source) else Path(source).name}

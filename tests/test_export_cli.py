@@ -174,6 +174,7 @@ def test_pt_format_checkpoint_needs_its_architecture_flags(trained, tmp_path, ca
     export(pt_file, tmp_path / 'pt', '--light', 'True', '--ch', '4', '--n_res', '1', '--img_size', '32')
     config = json.loads((tmp_path / 'pt' / 'config.json').read_text())
     assert (config['light'], config['ch'], config['ema']) == (True, 4, False)
+    assert '- training flags: not recorded in the checkpoint' in (tmp_path / 'pt' / 'README.md').read_text()
 
 
 def test_export_refuses_to_write_into_an_unrelated_folder(trained, tmp_path, capsys):
