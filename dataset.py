@@ -650,14 +650,15 @@ def build_train_stream(root: Path, img_size: int, batch_size: int, seed: int, *,
 
 
 def ignore_stop_signals(worker_id: int = 0, then: Callable[[int], None] | None = None) -> None:
-    """A DataLoader worker_init_fn: the worker ignores SIGINT and SIGTERM, then runs `then`.
+    """A DataLoader worker_init_fn: the worker ignores the stop signals (SIGINT, SIGTERM and SLURM's
+    SIGUSR1, whose default action would kill it), then runs `then`.
 
     `timeout`, systemd, SLURM and Ctrl-C signal the whole process group. torch's own SIGTERM handler
     in a worker exits it, and the main process then reports a crashed worker with a traceback in the
     middle of its clean stop; ignoring them leaves the stop to the main process, which shuts its
     workers down (and they exit by themselves if the main process dies).
     """
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in utils.STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
     if then is not None:
         then(worker_id)

@@ -546,7 +546,7 @@ class UGATIT:
         cfg = self.cfg
         bar = tqdm(range(start, cfg.iteration + 1), initial=start - 1, total=cfg.iteration,
                    disable=not self.dist.is_main, dynamic_ncols=True, desc='train')
-        meter = utils.LossMeter()
+        meter = utils.LossMeter(skip_nonfinite=self.scaler.is_enabled())
         for step in bar:
             meter.add(self.train_step(next(stream), step))
             if step % cfg.log_freq == 0 or step == cfg.iteration or stop.requested:
@@ -596,10 +596,14 @@ class UGATIT:
     def _flush(self, meter: utils.LossMeter, monitor, bar, step: int) -> None:
         means = meter.flush()
         bad = [k for k, v in means.items() if not math.isfinite(v)]
+        kept = f'training stopped and the last good checkpoint kept ({self.last_saved or "none yet"})'
         if bad:
-            raise TrainingDiverged(
-                f'{bad[0]} became {means[bad[0]]} by step {step}; training stopped and the last good checkpoint '
-                f'kept ({self.last_saved or "none yet"}). Try a lower --lr or --amp off')
+            raise TrainingDiverged(f'{bad[0]} became {means[bad[0]]} by step {step}; {kept}. Try a lower --lr or '
+                                   f'--amp off')
+        if meter.nonfinite_streak > MAX_SKIPPED_STEPS:
+            raise TrainingDiverged(f'the losses were not finite for the last {meter.nonfinite_streak} steps (fp16: the '
+                                   f'GradScaler skipped them all) by step {step}; {kept}. Try a lower --lr or --amp '
+                                   f'bf16')
         if monitor is not None and means:
             monitor.scalars(step, {**means, **self.scalars(step)})
             bar.set_postfix({'D': f"{means.get('D/total', 0):.3f}", 'G': f"{means.get('G/total', 0):.3f}"})
@@ -640,6 +644,11 @@ def tf_epoch_lr(step: int, lr: float, epochs: int, steps_per_epoch: int, decay_e
     if epoch < decay_epoch:
         return lr
     return lr * max(0.0, (epochs - epoch) / (epochs - decay_epoch))
+
+
+# fp16: steps in a row whose scaled gradients may overflow (the GradScaler skips them and halves its
+# scale) before the run counts as diverged; 2^16 → 2^-16 takes 32 halvings.
+MAX_SKIPPED_STEPS = 64
 
 
 class TrainingDiverged(utils.UserError):

@@ -5,6 +5,7 @@ import contextlib
 import copy
 import errno
 import hashlib
+import math
 import os
 import pickle
 import random
@@ -307,27 +308,51 @@ class LossMeter:
     """Running sums of loss tensors kept on the device; one host sync per flush.
 
     Each key is averaged over the steps that logged it (with --n_critic > 1 the G losses exist
-    only on generator steps).
+    only on generator steps). With ``skip_nonfinite`` (fp16: the GradScaler skips a step whose
+    scaled gradients overflowed, so its losses may be inf/nan without harm to the weights)
+    non-finite values are left out of the means, and ``nonfinite_streak`` counts the steps in a row,
+    up to the last flush, whose losses were not all finite.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, skip_nonfinite: bool = False) -> None:
+        self.skip_nonfinite = skip_nonfinite
         self.sums: dict[str, torch.Tensor] = {}
-        self.counts: dict[str, int] = {}
+        self.counts: dict[str, torch.Tensor | int] = {}
+        self._streak: torch.Tensor | None = None
+        self.nonfinite_streak = 0
 
     def add(self, logs: dict[str, torch.Tensor]) -> None:
+        all_finite = None
         for key, value in logs.items():
             value = value.detach().float()
+            count: torch.Tensor | int = 1
+            if self.skip_nonfinite:
+                finite = torch.isfinite(value)
+                value, count = torch.where(finite, value, 0.0), finite.float()
+                all_finite = finite if all_finite is None else all_finite & finite
             self.sums[key] = self.sums[key] + value if key in self.sums else value.clone()
-            self.counts[key] = self.counts.get(key, 0) + 1
+            self.counts[key] = self.counts.get(key, 0) + count
+        if all_finite is not None:   # on the device: (streak + 1) on a bad step, 0 on a good one
+            streak = self._streak if self._streak is not None else torch.zeros_like(all_finite, dtype=torch.float32)
+            self._streak = (streak + 1) * (~all_finite)
 
     def flush(self) -> dict[str, float]:
-        """Interval means as floats (a single device→host copy), then reset."""
+        """Interval means as floats (a single device→host copy), then reset. Keys without a finite
+        value in the interval are left out under ``skip_nonfinite``."""
         if not self.sums:
             return {}
         keys = list(self.sums)
-        values = torch.stack([self.sums[k] / self.counts[k] for k in keys]).cpu().tolist()
+        parts = [self.sums[k] / self.counts[k] for k in keys]
+        if self._streak is not None:
+            parts.append(self._streak)
+        values = torch.stack(parts).cpu().tolist()
+        if self._streak is not None:
+            self.nonfinite_streak = int(values.pop())
         self.sums, self.counts = {}, {}
-        return dict(zip(keys, values))
+        means = dict(zip(keys, values))
+        if self.skip_nonfinite:
+            means = {k: v for k, v in means.items() if math.isfinite(v)}
+        return means
 
 
 # ----------------------------------------------------------------------------------------------

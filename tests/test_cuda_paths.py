@@ -164,3 +164,37 @@ def test_generator_step_critic_is_the_compiled_one_under_compile(tiny_dataset, t
             local = trainer.D_local[domain][scale]
             assert isinstance(local, compiled) and local._orig_mod is trainer.D[domain][scale]
             assert trainer.D_run[domain][scale] is local   # one process: the same compiled module
+
+
+def _fp16_on_the_cpu(trainer) -> None:
+    """--amp fp16 as CUDA runs it, on the CPU (which autocasts to float16 too): validation refuses
+    fp16 on a CPU, so the trainer is switched after it is built."""
+    trainer.cfg.amp = 'fp16'
+    _enable_fp16_scaler(trainer)
+    trainer.scaler = torch.amp.GradScaler('cpu')   # PyTorch's default initial scale, 2^16
+
+
+def test_fp16_overflowing_first_steps_are_skipped_not_a_divergence(tiny_dataset, tmp_path):
+    """Seen on the first GPU run: wgan-gp under fp16 stopped at step 1 with 'D/gp_B became nan'. The
+    GradScaler's first scale overflows the penalty's scaled gradient: that step's losses are nan and
+    the scaler skips it and backs off, as AMP intends; the run must go on."""
+    trainer = tiny_trainer(tiny_dataset, tmp_path, '--gan_type', 'wgan-gp', '--iteration', '4', '--save_freq', '4')
+    _fp16_on_the_cpu(trainer)
+    trainer.train()
+    state = utils.load_checkpoint(tmp_path / 'out' / 'tiny' / 'model' / 'tiny_params_0000004.pt')
+    assert state['step'] == 4 and state['scaler']['scale'] < 2.0 ** 16
+    assert all(torch.isfinite(v).all() for v in state['genA2B'].values())
+
+
+def test_fp16_run_whose_losses_stay_nonfinite_stops(tiny_dataset, tmp_path, monkeypatch):
+    import ugatit
+    monkeypatch.setattr(ugatit, 'MAX_SKIPPED_STEPS', 2)
+    trainer = tiny_trainer(tiny_dataset, tmp_path, '--iteration', '6', '--log_freq', '1')
+    _fp16_on_the_cpu(trainer)
+    real_step = ugatit.UGATIT.train_step
+
+    def nan_step(self, batch, step):
+        return {k: v * float('nan') for k, v in real_step(self, batch, step).items()}
+    monkeypatch.setattr(ugatit.UGATIT, 'train_step', nan_step)
+    with pytest.raises(ugatit.TrainingDiverged, match='not finite for the last 3 steps'):
+        trainer.train()

@@ -432,7 +432,7 @@ def test_a_group_with_nothing_readable_left_stops_the_stream(tmp_path: Path) -> 
         take(stream, 4)
 
 
-def test_workers_ignore_sigint_and_sigterm(tmp_path: Path) -> None:
+def test_workers_ignore_the_stop_signals(tmp_path: Path) -> None:
     """A signal to the whole process group reaches the workers too; only the main process acts on it."""
     make_domains(tmp_path)
     reference = take(ds.build_train_stream(tmp_path, 8, 2, 0), 6)
@@ -440,8 +440,8 @@ def test_workers_ignore_sigint_and_sigterm(tmp_path: Path) -> None:
     first = take(stream, 2)
     workers = stream._iterator._workers
     for worker in workers:
-        os.kill(worker.pid, signal.SIGTERM)
-        os.kill(worker.pid, signal.SIGINT)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):   # SIGUSR1: SLURM's --signal
+            os.kill(worker.pid, sig)
     time.sleep(0.5)
     assert all(worker.is_alive() for worker in workers)
     assert_same_batches(reference, first + take(stream, 4))

@@ -147,8 +147,8 @@ def test_test_phase_uses_ema_weights_unless_no_ema(tiny_dataset, tmp_path):
     raw_img = cv2.imread(str(out / 'tiny' / 'test' / 'A2B' / 'img0.png'))
     assert not np.array_equal(ema_img, raw_img)
     # The EMA image is what the EMA generator gives.
-    from dataset import build_test_loader
     from checkpoints import load_translator
+    from dataset import build_test_loader
     translator, _ = load_translator(out / 'tiny' / 'model' / 'tiny_params_0000003.pt', use_ema=True)
     images, names = next(iter(build_test_loader(tiny_dataset / 'testA', 32)))
     expected = utils.tensor_to_uint8(translator.translate(images, 'A2B').image[0])
