@@ -51,3 +51,27 @@ def random_batches(n: int, batch: int = 2, size: int = 32, seed: int = 123) -> l
     import torch
     g = torch.Generator().manual_seed(seed)
     return [{dom: torch.rand(batch, 3, size, size, generator=g) * 2 - 1 for dom in 'AB'} for _ in range(n)]
+
+
+@pytest.fixture(scope='module')
+def face_weight_files(tmp_path_factory) -> dict[str, Path]:
+    """Random FaceNet and BiSeNet weights in files, loaded through the flags as real weights would be."""
+    import torch
+    from facenet_pytorch import InceptionResnetV1
+
+    from faceseg import BiSeNet
+    folder = tmp_path_factory.mktemp('face_weights')
+    torch.manual_seed(0)
+    files = {'facenet': folder / 'facenet.pt', 'bisenet': folder / '79999_iter.pth'}
+    torch.save(InceptionResnetV1(classify=False).state_dict(), files['facenet'])
+    torch.save(BiSeNet(19).state_dict(), files['bisenet'])
+    return files
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    """Two training checkpoints hold bit-identical networks (EMA copies included) at the same step."""
+    import torch
+    for key in ('genA2B', 'genB2A', 'disGA', 'disGB', 'disLA', 'disLB', 'genA2B_ema', 'genB2A_ema'):
+        for name, value in a[key].items():
+            torch.testing.assert_close(value, b[key][name], rtol=0, atol=0, msg=f'{key}.{name}')
+    assert a['step'] == b['step']

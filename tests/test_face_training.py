@@ -10,22 +10,16 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import tiny_flags
-from facenet_pytorch import InceptionResnetV1
 
 import losses as L
 import main
-from faceseg import BiSeNet, FaceSegmenter, SegMasks
+from faceseg import FaceSegmenter, SegMasks
 from ugatit import UGATIT
 
 
 @pytest.fixture(scope='module')
-def weight_files(tmp_path_factory) -> dict[str, Path]:
-    folder = tmp_path_factory.mktemp('face_weights')
-    torch.manual_seed(0)
-    files = {'facenet': folder / 'facenet.pt', 'bisenet': folder / '79999_iter.pth'}
-    torch.save(InceptionResnetV1(classify=False).state_dict(), files['facenet'])
-    torch.save(BiSeNet(19).state_dict(), files['bisenet'])
-    return files
+def weight_files(face_weight_files) -> dict[str, Path]:
+    return face_weight_files
 
 
 def _half_face_masks(images: torch.Tensor) -> SegMasks:

@@ -341,17 +341,8 @@ def test_counter_ignores_sync_free_code_and_torch_internals(syncs):
 
 
 @pytest.fixture(scope='module')
-def face_weights(tmp_path_factory) -> dict[str, Path]:
-    """Random FaceNet and BiSeNet weights, loaded through the flags as real weights would be."""
-    from facenet_pytorch import InceptionResnetV1
-
-    from faceseg import BiSeNet
-    folder = tmp_path_factory.mktemp('face_weights')
-    torch.manual_seed(0)
-    files = {'facenet': folder / 'facenet.pt', 'bisenet': folder / '79999_iter.pth'}
-    torch.save(InceptionResnetV1(classify=False).state_dict(), files['facenet'])
-    torch.save(BiSeNet(19).state_dict(), files['bisenet'])
-    return files
+def face_weights(face_weight_files) -> dict[str, Path]:
+    return face_weight_files
 
 
 @dataclass(frozen=True)

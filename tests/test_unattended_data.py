@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_dataset, tiny_flags
+from conftest import assert_same_weights, make_dataset, tiny_flags
 
 import dataset as ds
 import main
 import utils
-from ugatit import PT_KEYS, UGATIT
+from ugatit import UGATIT
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS, BATCH, SAVE = 20, 2, 10
@@ -82,13 +82,6 @@ def _weights(out: Path, step: int) -> dict:
     return utils.load_checkpoint(out / 'tiny' / 'model' / f'tiny_params_{step:07d}.pt')
 
 
-def _assert_same_weights(a: dict, b: dict) -> None:
-    for key in (*PT_KEYS, 'genA2B_ema', 'genB2A_ema'):
-        for name, value in a[key].items():
-            torch.testing.assert_close(value, b[key][name], rtol=0, atol=0, msg=f'{key}.{name}')
-    assert a['step'] == b['step']
-
-
 def _warnings_naming(err: str, path: Path) -> int:
     return sum(str(path) in line for line in err.splitlines())
 
@@ -104,14 +97,14 @@ def test_image_truncated_mid_run_is_replaced_warned_once_and_resume_is_exact(tmp
         assert _warnings_naming(err, victim) == 1, err[-2000:]
         assert 'skipping unreadable image' in err and 'Traceback' not in err
         runs[name] = data
-    _assert_same_weights(_weights(tmp_path / 'first', STEPS), _weights(tmp_path / 'second', STEPS))
+    assert_same_weights(_weights(tmp_path / 'first', STEPS), _weights(tmp_path / 'second', STEPS))
 
     # Resume from the checkpoint written after the damage (the file is still broken): same weights.
     monkeypatch.undo()
     (tmp_path / 'first' / 'tiny' / 'model' / f'tiny_params_{STEPS:07d}.pt').unlink()
     assert main.main(_flags(runs['first'], tmp_path / 'first', '--resume', 'True')) == 0
     assert f'at step {SAVE}' in capfd.readouterr().err
-    _assert_same_weights(_weights(tmp_path / 'first', STEPS), _weights(tmp_path / 'second', STEPS))
+    assert_same_weights(_weights(tmp_path / 'first', STEPS), _weights(tmp_path / 'second', STEPS))
 
 
 def test_too_many_unreadable_images_stop_with_one_line_and_a_checkpoint(tmp_path, monkeypatch, capfd):
