@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 import dataset as ds
+import images
 import utils
 
 # Distinct solid colours: a solid image stays solid under flips and crops, so its colour tells which
@@ -83,7 +84,7 @@ def odd_folder(tmp_path: Path) -> Path:
 
 
 def test_find_images_recursive_case_insensitive_sorted(odd_folder: Path) -> None:
-    names = [p.relative_to(odd_folder).as_posix() for p in ds.find_images(odd_folder)]
+    names = [p.relative_to(odd_folder).as_posix() for p in images.find_images(odd_folder)]
     assert names == sorted(names, key=str)
     assert 'notes.txt' not in names
     assert {'UPPER.JPG', 'sub/deeper/nested.PNG', 'fake.jpg', 'corrupt.png'} <= set(names)
@@ -91,7 +92,7 @@ def test_find_images_recursive_case_insensitive_sorted(odd_folder: Path) -> None
 
 
 def test_domain_images_skips_unreadable_with_one_line_per_file_once(odd_folder: Path, capsys) -> None:
-    ds._WARNED.clear()
+    images._WARNED.clear()
     paths, labels = ds.domain_images(odd_folder.parent, 'trainA')
     ds.domain_images(odd_folder.parent, 'trainA')      # listed again (validation, then training)
     lines = capsys.readouterr().err.strip().splitlines()
@@ -106,7 +107,7 @@ def test_every_readable_odd_file_becomes_a_normalised_rgb_tensor(odd_folder: Pat
     paths, _ = ds.domain_images(odd_folder.parent, 'trainA')
     train, test = ds.train_transform(16, aug_prob=1.0), ds.test_transform(16)
     for path in paths:
-        img = ds.load_rgb(path)
+        img = images.load_rgb(path)
         assert img.mode == 'RGB'
         for tensor in (train(img, torch.Generator().manual_seed(0)), test(img)):
             assert tensor.shape == (3, 16, 16) and tensor.dtype == torch.float32
@@ -115,7 +116,7 @@ def test_every_readable_odd_file_becomes_a_normalised_rgb_tensor(odd_folder: Pat
 
 def test_load_rgb_pixel_values(odd_folder: Path) -> None:
     def pixels(name: str) -> np.ndarray:
-        return np.asarray(ds.load_rgb(odd_folder / name))
+        return np.asarray(images.load_rgb(odd_folder / name))
 
     assert (pixels('gray.png') == 77).all()
     assert (pixels('palette.png') == (10, 200, 30)).all()
@@ -132,15 +133,15 @@ def test_load_rgb_pixel_values(odd_folder: Path) -> None:
 def test_float_and_int32_images_are_scaled(tmp_path: Path) -> None:
     Image.fromarray(np.array([[0.0, 0.5, 1.0]], np.float32)).save(tmp_path / 'f.tif')
     Image.fromarray(np.array([[0, 65535, 257 * 10]], np.int32)).save(tmp_path / 'i.tif')
-    assert np.asarray(ds.load_rgb(tmp_path / 'f.tif'))[0, :, 1].tolist() == [0, 128, 255]
-    assert np.asarray(ds.load_rgb(tmp_path / 'i.tif'))[0, :, 2].tolist() == [0, 255, 10]
+    assert np.asarray(images.load_rgb(tmp_path / 'f.tif'))[0, :, 1].tolist() == [0, 128, 255]
+    assert np.asarray(images.load_rgb(tmp_path / 'i.tif'))[0, :, 2].tolist() == [0, 255, 10]
 
 
 def test_unreadable_image_raises(odd_folder: Path) -> None:
     for name in ('corrupt.png', 'fake.jpg'):
-        with pytest.raises(ds.UnreadableImage, match=name):
-            ds.load_rgb(odd_folder / name)
-    assert issubclass(ds.UnreadableImage, ds.DatasetError)
+        with pytest.raises(images.UnreadableImage, match=name):
+            images.load_rgb(odd_folder / name)
+    assert issubclass(images.UnreadableImage, ds.DatasetError)
 
 
 def test_missing_and_unreadable_folders_raise(tmp_path: Path) -> None:
@@ -355,8 +356,8 @@ def break_file(path: Path, how: str = 'truncate') -> None:
         path.unlink()
     else:
         path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
-    with pytest.raises(ds.UnreadableImage):
-        ds.load_rgb(path)
+    with pytest.raises(images.UnreadableImage):
+        images.load_rgb(path)
 
 
 def ten_each(root: Path) -> list[tuple[int, int, int]]:
