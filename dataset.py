@@ -24,7 +24,7 @@ import os
 import signal
 import sys
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -569,6 +569,7 @@ class TrainStream:
 
     def __init__(self, loader: DataLoader, start_step: int, num_images: dict[str, int], ledger: UnreadableLedger):
         self.loader, self.step, self.num_images, self.ledger = loader, start_step, num_images, ledger
+        self.files: dict[str, list[str]] = {}   # per domain, relative to train<domain>/: what a resume reuses
         self._iterator: Iterator | None = None
 
     def __iter__(self) -> TrainStream:
@@ -600,7 +601,8 @@ def build_train_stream(root: Path, img_size: int, batch_size: int, seed: int, *,
                        groups: list[int] | None = None, group_sampling: str = 'round_robin',
                        augment_flag: bool | None = None, paired: bool = False,
                        prefetch_factor: int = 2, max_unreadable: float = MAX_UNREADABLE_SHARE,
-                       worker_init_fn: Callable[[int], None] | None = None) -> TrainStream:
+                       worker_init_fn: Callable[[int], None] | None = None,
+                       files: Mapping[str, Sequence[str]] | None = None) -> TrainStream:
     """The training stream of `root/trainA` and `root/trainB` (see TrainStream, StepBatchSampler).
 
     With `blur_root`, blur images come from `blur_root/blurA` and `blur_root/blurB`; a missing
@@ -612,14 +614,23 @@ def build_train_stream(root: Path, img_size: int, batch_size: int, seed: int, *,
     every index, and the draws of a resumed run, as they were; TooManyUnreadable, now or later, when
     more than `max_unreadable` of a domain cannot be read. Workers ignore SIGINT/SIGTERM, then run
     `worker_init_fn`.
+
+    `files` (``TrainStream.files`` of the run being resumed): the file lists the run started with.
+    They are kept while files have only disappeared since, so a file deleted mid-run is replaced
+    like any unreadable one and the resumed run draws as the unbroken one did; a folder that gained
+    files is listed afresh (the draws then differ, as the data does; a note says so).
     """
     root = Path(root)
     paths: dict[str, list[Path]] = {}
     labels: dict[str, list[int] | None] = {}
     folders: dict[str, Path] = {}
     for domain in ('A', 'B'):
-        paths[domain], labels[domain] = domain_images(root, f'train{domain}', groups, keep_unreadable=True)
         folders[domain] = root / f'train{domain}'
+        paths[domain], labels[domain] = domain_images(root, f'train{domain}', groups, keep_unreadable=True)
+        if files is not None and domain in files:
+            paths[domain], labels[domain] = _started_with(folders[domain], paths[domain], labels[domain],
+                                                          files[domain], groups)
+    listed = {domain: [p.relative_to(folders[domain]).as_posix() for p in paths[domain]] for domain in 'AB'}
     if paired:
         order = pair_by_stem(root, paths['A'], paths['B'])
         paths['B'] = [paths['B'][i] for i in order]
@@ -646,7 +657,23 @@ def build_train_stream(root: Path, img_size: int, batch_size: int, seed: int, *,
                         collate_fn=_collate, persistent_workers=num_workers > 0,
                         prefetch_factor=prefetch_factor if num_workers > 0 else None,
                         worker_init_fn=functools.partial(ignore_stop_signals, then=worker_init_fn))
-    return TrainStream(loader, start_step, {name: len(found) for name, found in paths.items()}, ledger)
+    stream = TrainStream(loader, start_step, {name: len(found) for name, found in paths.items()}, ledger)
+    stream.files = listed
+    return stream
+
+
+def _started_with(folder: Path, found: list[Path], labels: list[int] | None, started: Sequence[str],
+                  groups: list[int] | None) -> tuple[list[Path], list[int] | None]:
+    """The run's original file list of ``folder`` while files have only disappeared since (see
+    build_train_stream); the current listing otherwise."""
+    current = {p.relative_to(folder).as_posix() for p in found}
+    added = current - set(started)
+    if added:
+        print(f'note: {len(added)} image(s) added to {folder} since the run started are used from now on; the '
+              f'draws differ from an uninterrupted run from here', file=sys.stderr)
+        return found, labels
+    kept = [folder / rel for rel in started]
+    return kept, None if groups is None else [int(rel.split('/', 1)[0]) for rel in started]
 
 
 def ignore_stop_signals(worker_id: int = 0, then: Callable[[int], None] | None = None) -> None:
@@ -723,9 +750,11 @@ class StreamOptions:
     blur: bool = False   # EN's --has_blur: edge-blurred real images, made once next to the data
 
 
-def train_stream(root: Path, options: StreamOptions, start: int, dist_ctx, pin_memory: bool = False) -> TrainStream:
+def train_stream(root: Path, options: StreamOptions, start: int, dist_ctx, pin_memory: bool = False,
+                 files: Mapping[str, Sequence[str]] | None = None) -> TrainStream:
     """The training batches ``options`` describe, from step ``start`` on, this rank's share (EN's
-    blur images are made once by rank 0 and cached next to the data)."""
+    blur images are made once by rank 0 and cached next to the data); ``files``: see
+    build_train_stream."""
     blur_root = None
     if options.blur:
         if dist_ctx.is_main:
@@ -737,4 +766,4 @@ def train_stream(root: Path, options: StreamOptions, start: int, dist_ctx, pin_m
         blur_root = root
     kwargs = {key: value for key, value in dataclasses.asdict(options).items() if key != 'blur'}
     return build_train_stream(root, **kwargs, start_step=start, rank=dist_ctx.rank, world_size=dist_ctx.world_size,
-                              pin_memory=pin_memory, blur_root=blur_root)
+                              pin_memory=pin_memory, blur_root=blur_root, files=files)

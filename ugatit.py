@@ -73,6 +73,7 @@ class UGATIT:
         self.run_dir = self.files.run_dir
         self.step = 0
         self.best_metric = math.inf
+        self.data_files: dict | None = None   # the training file lists (see dataset.build_train_stream)
         self.last_saved: Path | None = None
         if self.device.type == 'cuda':
             torch.backends.cudnn.benchmark = cfg.benchmark_flag
@@ -393,6 +394,7 @@ class UGATIT:
             'G_optim': self.G_optim.state_dict(), 'D_optim': self.D_optim.state_dict(),
             'scaler': self.scaler.state_dict(), 'step': self.step, 'lr': self.lr_at(self.step),
             'best_metric': self.best_metric, 'rng': utils.rng_state(), 'architecture': self.arch.to_dict(),
+            'data_files': self.data_files,
             'config': {**utils.config_to_dict(self.cfg), 'dataset_root': str(self.dataset_root)},
             'format': TRAINING_FORMAT,
         })
@@ -428,6 +430,7 @@ class UGATIT:
                 ada.load_state_dict(state['ada'][dom])
         self.best_metric = state.get('best_metric', float('inf'))
         self.step = int(state.get('step', 0))
+        self.data_files = state.get('data_files')
         return notes
 
     def save(self, path: Path) -> None:
@@ -590,8 +593,16 @@ class UGATIT:
         self.dist.barrier()
 
     def _train_stream(self, start: int) -> data.TrainStream:
-        return data.train_stream(self.dataset_root, options.stream_options(self.cfg), start, self.dist,
-                                 pin_memory=self.device.type == 'cuda')
+        """The batches from step ``start`` on; a resumed run keeps the file lists it started with
+        (a file deleted since is then replaced like an unreadable one, and the draws stay exact)."""
+        listing = {'groups': self.cfg.groups, 'paired': self.cfg.paired}
+        started = self.data_files
+        same_listing = started is not None and all(started.get(k) == v for k, v in listing.items())
+        stream = data.train_stream(self.dataset_root, options.stream_options(self.cfg), start, self.dist,
+                                   pin_memory=self.device.type == 'cuda',
+                                   files=started['files'] if same_listing else None)
+        self.data_files = {**listing, 'files': stream.files}
+        return stream
 
     def _flush(self, meter: utils.LossMeter, monitor, bar, step: int) -> None:
         means = meter.flush()

@@ -186,3 +186,53 @@ def test_sigusr1_saves_and_exits_with_the_requeue_status(tiny_dataset, tmp_path,
     assert utils.load_checkpoint(_model_dir(out) / 'tiny_params_0000002.pt')['step'] == 2
     monkeypatch.setattr(UGATIT, 'train_step', original)
     assert _run(tiny_dataset, out, '--iteration', '3', '--save_freq', '3', '--resume', 'True') == 0
+
+
+def _delete_after_step(monkeypatch, step: int, path: Path) -> None:
+    """Delete ``path`` once ``step`` has trained (num_workers 0: the next batch is read after it)."""
+    original = UGATIT.train_step
+
+    def train_step(self, batch, current):
+        logs = original(self, batch, current)
+        if current == step:
+            path.unlink()
+        return logs
+    monkeypatch.setattr(UGATIT, 'train_step', train_step)
+
+
+def test_image_deleted_mid_run_then_resume_draws_as_the_unbroken_run(tmp_path, monkeypatch, capsys):
+    """The resumed run keeps the file lists the run started with, so a deleted file is replaced as
+    the unbroken run replaced it (before: the resumed run listed one file less and drew otherwise)."""
+    from conftest import assert_same_weights, make_dataset
+    counts = (12, 12, 3, 2)   # 1 of 12 unreadable stays under the 10% that stops a run
+    unbroken_data = make_dataset(tmp_path / 'd1' / 'tiny', counts)
+    broken_data = make_dataset(tmp_path / 'd2' / 'tiny', counts)
+    flags = ('--iteration', '16', '--batch_size', '1', '--seed', '3')
+    victim = 'img2.png'   # batch 1: every image of trainA is drawn once in steps 1-12 and again from 13 on
+    _delete_after_step(monkeypatch, 8, unbroken_data / 'trainA' / victim)
+    assert _run(unbroken_data, tmp_path / 'u', *flags, '--save_freq', '16') == 0
+    monkeypatch.undo()
+    original = UGATIT.train_step
+
+    def stop_after_step_8(self, batch, step):   # the same schedule as the unbroken run, stopped by a signal
+        logs = original(self, batch, step)
+        if step == 8:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return logs
+    monkeypatch.setattr(UGATIT, 'train_step', stop_after_step_8)
+    assert _run(broken_data, tmp_path / 'b', *flags, '--save_freq', '16') == utils.REQUEUE_EXIT_CODE
+    monkeypatch.undo()
+    (broken_data / 'trainA' / victim).unlink()
+    assert _run(broken_data, tmp_path / 'b', *flags, '--save_freq', '16', '--resume', 'True') == 0
+    assert capsys.readouterr().err.count(f'skipping unreadable image {broken_data / "trainA" / victim}') == 1
+    assert_same_weights(utils.load_checkpoint(_model_dir(tmp_path / 'u') / 'tiny_params_0000016.pt'),
+                        utils.load_checkpoint(_model_dir(tmp_path / 'b') / 'tiny_params_0000016.pt'))
+
+
+def test_images_added_before_resume_are_used_with_a_note(tiny_dataset, tmp_path, capsys):
+    assert _run(tiny_dataset, tmp_path / 'o', '--iteration', '2', '--save_freq', '2') == 0
+    (tiny_dataset / 'trainA' / 'new.png').write_bytes((tiny_dataset / 'trainA' / 'img0.png').read_bytes())
+    assert _run(tiny_dataset, tmp_path / 'o', '--iteration', '3', '--save_freq', '3', '--resume', 'True') == 0
+    assert 'note: 1 image(s) added to' in capsys.readouterr().err
+    state = utils.load_checkpoint(_model_dir(tmp_path / 'o') / 'tiny_params_0000003.pt')
+    assert 'new.png' in state['data_files']['files']['A']
