@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -552,18 +553,31 @@ class UGATIT:
         meter = utils.LossMeter(skip_nonfinite=self.scaler.is_enabled())
         for step in bar:
             meter.add(self.train_step(next(stream), step))
-            if step % cfg.log_freq == 0 or step == cfg.iteration or stop.requested:
+            log_step = step % cfg.log_freq == 0 or step == cfg.iteration
+            signum = self._agreed_stop(stop, log_step)
+            if log_step or signum:
                 self._flush(meter, monitor, bar, step)
             if monitor is not None and step % cfg.print_freq == 0:
                 monitor.previews(step, self.visual_columns, ema=self.ema is not None)
             if cfg.metric_freq and step % cfg.metric_freq == 0:
                 self._evaluate(evaluation, monitor, step)
             self._periodic_saves(step, meter, monitor, bar)
-            if stop.requested:
-                self._flush(meter, monitor, bar, step)
+            if signum:
                 self.save(self.files.checkpoint_path(step))
-                raise utils.Stopped(f'stopped by signal at step {step}; {stop.name}: saved {self.last_saved}, resume '
-                                    f'with --resume True', utils.stop_exit_code(stop.signum))
+                raise utils.Stopped(f'stopped by signal at step {step}; {signal.Signals(signum).name}: saved '
+                                    f'{self.last_saved}, resume with --resume True', utils.stop_exit_code(signum))
+
+    def _agreed_stop(self, stop: utils.GracefulStop, log_step: bool) -> int:
+        """The stop signal (0: go on). One process stops on the step after the signal. Under torchrun
+        the ranks must stop at the same step (a rank that trains on alone waits forever in its
+        all-reduce), so they agree at logging steps, which already sync with the host."""
+        if not self.dist.enabled:
+            return stop.signum or 0
+        if not log_step:
+            return 0
+        flag = torch.tensor([float(stop.signum or 0)], device=self.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return int(flag.item())
 
     def scalars(self, step: int) -> dict[str, float]:
         """Learning rate, ρ statistics and ADA state, logged with the losses (a logging step: the

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 import traceback
 from datetime import timedelta
 from pathlib import Path
@@ -139,6 +142,48 @@ def test_torchrun_trains_saves_once_and_resumes_single_process(tiny_dataset, tmp
     assert resumed['step'] == 4
     # Adam's per-parameter step count continues from the DDP run's 3 (the last LR is 0 in PT's schedule).
     assert float(resumed['G_optim']['state'][0]['step']) == 4.0
+
+
+def _worker_pids(parent: int) -> dict[int, int]:
+    """RANK → PID of torchrun's worker processes (children of the agent ``parent``)."""
+    found = {}
+    for proc in Path('/proc').iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            ppid = int((proc / 'stat').read_text().rsplit(')', 1)[1].split()[1])
+            env = dict(e.split('=', 1) for e in (proc / 'environ').read_bytes().decode().split('\0') if '=' in e)
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == parent and 'RANK' in env:
+            found[int(env['RANK'])] = int(proc.name)
+    return found
+
+
+def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tiny_dataset, tmp_path):
+    """SLURM may signal one rank first: the ranks agree at the next logging step, rank 0 saves, and
+    nobody is left waiting in an all-reduce."""
+    out = tmp_path / 'out'
+    latest = out / 'tiny_params_latest.pt'
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--standalone', 'main.py',
+           *_tiny(tiny_dataset, out, '--iteration', '3000', '--save_freq', '3000', '--log_freq', '2',
+                  '--latest_freq', '2')]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + TIMEOUT_S
+        while not latest.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        workers = _worker_pids(proc.pid)
+        assert proc.poll() is None and set(workers) == {0, 1}, workers
+        os.kill(workers[1], signal.SIGUSR1)   # rank 1 only
+        _, err = proc.communicate(timeout=TIMEOUT_S)
+    finally:
+        proc.kill()
+    stops = re.findall(r'stopped by signal at step (\d+); SIGUSR1', err)
+    assert len(stops) == 2 and len(set(stops)) == 1, err[-3000:]   # both ranks, the same step
+    saved = torch.load(out / 'tiny' / 'model' / f'tiny_params_{int(stops[0]):07d}.pt', map_location='cpu',
+                       weights_only=True)
+    assert saved['step'] == int(stops[0]) and int(stops[0]) % 2 == 0
 
 
 def test_ranks_draw_different_images(tiny_dataset):
