@@ -158,9 +158,9 @@ class RunFiles:
 
 
 class RunLock:
-    """One training process per run folder: an exclusive ``flock`` on ``<run>/.lock`` held for the
-    run's lifetime. The OS releases it when the process dies, so a kill -9 leaves no stale lock; a
-    second process (fresh or --resume) gets a one-line error naming the holder's PID."""
+    """One process writing into a run folder: an exclusive ``flock`` on ``<run>/.lock`` held for the
+    training's (or a writing inference phase's) lifetime. The OS releases it when the process dies,
+    so a kill -9 leaves no stale lock; a second process gets a one-line error naming the holder's PID."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -175,8 +175,9 @@ class RunLock:
             handle.seek(0)
             holder = handle.read().strip() or 'unknown'
             handle.close()
-            raise utils.UserError(f'{self.path.parent} is in use by another training process (PID {holder}); wait '
-                                  f'for it to end or stop it, or use another --result_dir') from None
+            raise utils.UserError(f'{self.path.parent} is in use by another process (PID {holder}); wait for it to '
+                                  f'end or stop it, or use another --result_dir (a test/img_dir/video phase: '
+                                  f'--out_dir elsewhere)') from None
         handle.seek(0)
         handle.truncate()
         handle.write(f'{os.getpid()}\n')

@@ -7,6 +7,7 @@ phase builds a discriminator, FaceNet or an optimizer, and only test/val read th
 """
 from __future__ import annotations
 
+import contextlib
 import html
 import os
 import sys
@@ -51,11 +52,21 @@ class Inference:
 
 
 def run(cfg) -> None:
-    """Load the checkpoint's generators, then run the phase."""
+    """Load the checkpoint's generators, then run the phase (holding the run folder's lock when it
+    writes there, so it never runs beside the training of that folder)."""
     job = load(cfg)
     phase = {'test': test, 'val': validate, 'img_dir': translate_folder, 'generate': translate_folder,
              'video': video, 'video_dir': video_dir, 'camera': camera}[cfg.phase]
-    phase(job)
+    with checkpoints.RunLock(job.run_dir / '.lock') if writes_into_run(cfg) else contextlib.nullcontext():
+        phase(job)
+
+
+def writes_into_run(cfg) -> bool:
+    """Whether the phase writes into the run folder: its outputs without --out_dir, and val's
+    Inception feature cache (the camera writes nothing). Phases that only read are not locked."""
+    if cfg.phase == 'camera':
+        return False
+    return cfg.phase == 'val' or not cfg.out_dir
 
 
 def _dataset_root(cfg) -> Path | None:

@@ -166,7 +166,7 @@ def test_two_runs_started_together_never_share_a_folder(tiny_dataset, tmp_path):
         assert codes == [0, 2], results
         loser = next(err for code, err in results if code == 2)
         winner = next(p for p, (code, _) in zip(procs, results) if code == 0)
-        assert f'is in use by another training process (PID {winner.pid})' in loser, loser[-2000:]
+        assert f'is in use by another process (PID {winner.pid})' in loser, loser[-2000:]
         assert 'Traceback' not in loser
 
 
@@ -236,3 +236,21 @@ def test_images_added_before_resume_are_used_with_a_note(tiny_dataset, tmp_path,
     assert 'note: 1 image(s) added to' in capsys.readouterr().err
     state = utils.load_checkpoint(_model_dir(tmp_path / 'o') / 'tiny_params_0000003.pt')
     assert 'new.png' in state['data_files']['files']['A']
+
+
+def test_phases_writing_into_the_run_folder_wait_for_its_training(tiny_dataset, tmp_path, capsys):
+    """The lock is the run folder's: a test phase writing into it refuses while the training holds it;
+    with --out_dir elsewhere it only reads and runs."""
+    import checkpoints
+    out = tmp_path / 'out'
+    assert _run(tiny_dataset, out, '--iteration', '2', '--save_freq', '2') == 0
+    capsys.readouterr()
+    lock = checkpoints.RunLock(out / 'tiny' / '.lock').acquire()   # what the training process holds
+    try:
+        assert _run(tiny_dataset, out, '--phase', 'test') == 2
+        assert f'in use by another process (PID {os.getpid()})' in capsys.readouterr().err
+        assert _run(tiny_dataset, out, '--phase', 'test', '--out_dir', str(tmp_path / 'elsewhere')) == 0
+        assert _run(tiny_dataset, out, '--iteration', '4', '--resume', 'True') == 2
+    finally:
+        lock.release()
+    assert _run(tiny_dataset, out, '--phase', 'test') == 0
