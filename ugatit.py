@@ -38,7 +38,7 @@ import losses as L
 import options
 import utils
 from checkpoints import PT_KEYS, TRAINING_FORMAT, RunFiles
-from faceseg.masking import FaceMasks, build_face_masking
+from faceseg.masking import NO_MASKS, FaceMasks, build_face_masking
 from model import DIRECTIONS, ArchConfig, Direction, Translator, build_critic, build_generator
 from networks import DiscriminatorOutput, GeneratorOutput, RhoClipper
 
@@ -221,7 +221,7 @@ class UGATIT:
         self._set_lr(self.lr_at(step))
         for name, rng in self.step_rngs.items():
             rng.manual_seed(data.derive_seed(self.cfg.seed, name, self.dist.rank, step))
-        masks = self.face_masking(batch) if self.face_masking is not None else None
+        masks = self.face_masking(batch) if self.face_masking is not None else NO_MASKS
         self.G.train()
         generator_step = self.is_generator_step(step)
         with self.autocast():
@@ -244,7 +244,7 @@ class UGATIT:
         with torch.no_grad():
             return {d.name: self.G_run[d.name](batch[d.source]).image for d in DIRECTIONS}
 
-    def d_step(self, batch, fakes, masks: FaceMasks | None, logs) -> None:
+    def d_step(self, batch, fakes, masks: FaceMasks, logs) -> None:
         """Discriminators on real vs detached fake (and blurred) images of each target domain."""
         self.D_optim.zero_grad(set_to_none=True)
         self.D.requires_grad_(True)
@@ -255,12 +255,12 @@ class UGATIT:
             if f'blur_{tgt}' in batch:
                 images.append(batch[f'blur_{tgt}'])
                 faces.append(None)
-            extras = masks.critic_kwargs(images, faces) if masks is not None else None
+            extras = masks.critic_kwargs(images, faces)
             with self.autocast():
                 outs = self.critic(tgt, images, extras, update_sn=True)
             real, fake, *blurred = outs
-            loss = (self.gan_loss.d_real(real, masks.patch(tgt) if masks is not None else None)
-                    + self.gan_loss.d_fake(fake, masks.patch(src) if masks is not None else None)
+            loss = (self.gan_loss.d_real(real, masks.patch(tgt))
+                    + self.gan_loss.d_fake(fake, masks.patch(src))
                     + sum(self.gan_loss.d_fake(b) for b in blurred))
             if self.gan_loss.penalty is not None:   # inside the adversarial weight, as in TF
                 penalty = self._gradient_penalty(tgt, batch[tgt], fakes[d.name])
@@ -281,7 +281,7 @@ class UGATIT:
         self.scaler.scale(total).backward()
         self.scaler.step(self.D_optim)
 
-    def g_step(self, batch, translations, masks: FaceMasks | None, logs, step: int) -> None:
+    def g_step(self, batch, translations, masks: FaceMasks, logs, step: int) -> None:
         """Generators: adversarial, cycle, identity and CAM terms plus the active optional terms."""
         cfg = self.cfg
         self.G_optim.zero_grad(set_to_none=True)
@@ -290,19 +290,17 @@ class UGATIT:
         for d in DIRECTIONS:
             src, tgt = d.source, d.target
             out = translations[d.name]
-            fake = masks.generator_view(out.fake.image, src) if masks is not None else out.fake.image
-            extras = masks.critic_kwargs([fake], [src]) if masks is not None else None
-            patch = masks.patch(src) if masks is not None else None
+            fake = masks.generator_view(out.fake.image, src)
             with self.autocast():
-                critic = self.critic(tgt, [fake], extras, distributed=False)[0]
+                critic = self.critic(tgt, [fake], masks.critic_kwargs([fake], [src]), distributed=False)[0]
             terms = {
-                'adv': self.adv_weight[d.name] * self.gan_loss.g(critic, patch),
+                'adv': self.adv_weight[d.name] * self.gan_loss.g(critic, masks.patch(src)),
                 'cycle': cfg.cycle_weight * L.l1(out.cycle, batch[src]),
                 'identity': cfg.identity_weight * L.l1(out.identity.image, batch[tgt]),
                 'cam': cfg.cam_weight * L.generator_cam_loss(out.fake.cam_logit, out.identity.cam_logit),
             }
             ctx = L.DirectionContext(d.name, batch[src], batch[tgt], out.fake, critic,
-                                     masks.of(src) if masks is not None else None, batch.get(f'group_{src}'))
+                                     masks.of(src), batch.get(f'group_{src}'))
             for term in self.g_terms:
                 terms[term.name] = term.weight * term(ctx)
             for name, value in terms.items():
@@ -523,7 +521,7 @@ class UGATIT:
             return
         needed = utils.state_nbytes(self.state_dict())
         free = utils.free_bytes(self.files.model_dir)
-        where = f'{self.files.model_dir}: {free / 1e9:.2f} GB free, a checkpoint needs {needed / 1e9:.2f} GB'
+        where = f'{self.files.model_dir}: {utils.human_size(free)} free, a checkpoint needs {utils.human_size(needed)}'
         if free < needed:
             raise utils.DiskFull(f'no room for a single checkpoint in {where}; free some space or use another '
                                  f'--result_dir')

@@ -161,8 +161,9 @@ def atomic_save(obj: object, path: str | os.PathLike) -> None:
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
         if _is_disk_full(exc):
-            raise DiskFull(f'no space left for {path.name} in {path.parent}: {_gb(free_bytes(path.parent))} free, '
-                           f'a checkpoint needs {_gb(state_nbytes(obj))}; free some space (older checkpoints, '
+            free, needed = human_size(free_bytes(path.parent)), human_size(state_nbytes(obj))
+            raise DiskFull(f'no space left for {path.name} in {path.parent}: {free} free, '
+                           f'a checkpoint needs {needed}; free some space (older checkpoints, '
                            f'--keep_checkpoints N) and resume with --resume True') from None
         raise
 
@@ -195,10 +196,6 @@ def state_nbytes(obj: object) -> int:
     if isinstance(obj, (list, tuple)):
         return sum(state_nbytes(v) for v in obj)
     return 0
-
-
-def _gb(n: int) -> str:
-    return f'{n / 1e9:.2f} GB' if n >= 1e8 else f'{n / 1e6:.1f} MB'
 
 
 def _umask() -> int:
@@ -402,10 +399,10 @@ def stop_exit_code(signum: int) -> int:
 
 
 class GracefulStop:
-    """Turns SIGINT/SIGTERM/SIGUSR1 into a flag so the loop can save a checkpoint before exiting."""
+    """Records the first of SIGINT/SIGTERM/SIGUSR1 (``signum``) so the loop can save a checkpoint
+    before exiting."""
 
     def __init__(self) -> None:
-        self.requested = False
         self.signum: int | None = None
         self._previous = {}
         for sig in STOP_SIGNALS:
@@ -414,14 +411,9 @@ class GracefulStop:
             except ValueError:  # not the main thread (e.g. under some test runners)
                 pass
 
-    @property
-    def name(self) -> str:
-        return signal.Signals(self.signum).name if self.signum is not None else 'signal'
-
     def _handle(self, signum, frame) -> None:
-        if self.requested and signum == signal.SIGINT:     # a second Ctrl-C exits at once
+        if self.signum is not None and signum == signal.SIGINT:     # a second Ctrl-C exits at once
             raise KeyboardInterrupt
-        self.requested = True
         self.signum = self.signum or signum
 
     def restore(self) -> None:

@@ -20,7 +20,7 @@ from faceseg.segmenter import FaceSegmenter, SegMasks
 class FaceMaskOptions:
     """The --seg_* flags (EN) and the parser's weights."""
 
-    weights: str
+    weights: str = ''
     hard_edge: bool = False          # --hard_seg_edge
     fix_glass_mouth: bool = False    # --seg_fix_glass_mouth
     patch_mask: bool = False         # --seg_D_mask: D's patch losses count face patches only
@@ -30,14 +30,16 @@ class FaceMaskOptions:
 
 
 class FaceMasks:
-    """One step's face masks of the real images (per domain) and the options applied to them."""
+    """One step's face masks of the real images (per domain) and the options applied to them.
+    ``NO_MASKS`` (no masks, every option off) is what a step without face masking uses: D gets no
+    extra arguments, every patch counts and the translation is judged whole."""
 
     def __init__(self, per_domain: dict[str, SegMasks], options: FaceMaskOptions) -> None:
         self.per_domain = per_domain
         self.options = options
 
-    def of(self, domain: str) -> SegMasks:
-        return self.per_domain[domain]
+    def of(self, domain: str) -> SegMasks | None:
+        return self.per_domain.get(domain)
 
     def patch(self, domain: str) -> Tensor | None:
         """The mask of D's patch losses on images of ``domain``'s faces (None: every patch counts)."""
@@ -46,6 +48,8 @@ class FaceMasks:
     def critic_kwargs(self, images: list[Tensor], domains: list[str | None]) -> list[dict]:
         """D's keyword arguments for each image; ``domains[i]`` names whose face the image shows
         (None: no face to mask, e.g. EN's blurred images, which count as all face)."""
+        if not (self.options.cam_feature_mask or self.options.cam_input_mask):
+            return [{} for _ in images]
         out = []
         for image, domain in zip(images, domains):
             face = self.per_domain[domain].face if domain is not None else torch.ones_like(image[:, :1])
@@ -63,6 +67,9 @@ class FaceMasks:
             return fake
         face = self.per_domain[domain].face
         return fake * face + fake.detach() * (1 - face)
+
+
+NO_MASKS = FaceMasks({}, FaceMaskOptions())
 
 
 class FaceMasking:

@@ -75,3 +75,18 @@ def assert_same_weights(a: dict, b: dict) -> None:
         for name, value in a[key].items():
             torch.testing.assert_close(value, b[key][name], rtol=0, atol=0, msg=f'{key}.{name}')
     assert a['step'] == b['step']
+
+
+def signal_after_step(monkeypatch, step: int, signum: int) -> None:
+    """Send ``signum`` to this process right after training step ``step`` (what a scheduler does)."""
+    import os
+
+    from ugatit import UGATIT
+    original = UGATIT.train_step
+
+    def train_step(self, batch, current):
+        logs = original(self, batch, current)
+        if current == step:
+            os.kill(os.getpid(), signum)
+        return logs
+    monkeypatch.setattr(UGATIT, 'train_step', train_step)

@@ -1,13 +1,12 @@
 """Trainer: the fast step against PT's reference step, A/B symmetry, checkpoints and resume."""
 from __future__ import annotations
 
-import os
 import signal
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import random_batches, tiny_flags, tiny_trainer
+from conftest import random_batches, signal_after_step, tiny_flags, tiny_trainer
 
 import main
 import utils
@@ -163,19 +162,11 @@ def test_sigterm_saves_then_resume_equals_unbroken_run(tiny_dataset, tmp_path, m
     straight = tmp_path / 'straight'
     assert _run(tiny_dataset, straight, '--iteration', '4', '--save_freq', '4') == 0
 
-    original = UGATIT.train_step
-
-    def step_then_sigterm(self, batch, step):
-        logs = original(self, batch, step)
-        if step == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return logs
-
-    monkeypatch.setattr(UGATIT, 'train_step', step_then_sigterm)
+    signal_after_step(monkeypatch, 2, signal.SIGTERM)
     stopped = tmp_path / 'stopped'
     assert _run(tiny_dataset, stopped, '--iteration', '4', '--save_freq', '4') == 128 + signal.SIGTERM
     assert (stopped / 'tiny' / 'model' / 'tiny_params_0000002.pt').exists()
-    monkeypatch.setattr(UGATIT, 'train_step', original)
+    monkeypatch.undo()
     assert _run(tiny_dataset, stopped, '--iteration', '4', '--save_freq', '4', '--resume', 'True') == 0
     _assert_same_state(_final_weights(straight, 4), _final_weights(stopped, 4))
 

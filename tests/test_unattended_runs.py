@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import torch
-from conftest import tiny_flags
+from conftest import signal_after_step, tiny_flags
 
 import main
 import utils
@@ -171,20 +171,12 @@ def test_two_runs_started_together_never_share_a_folder(tiny_dataset, tmp_path):
 
 
 def test_sigusr1_saves_and_exits_with_the_requeue_status(tiny_dataset, tmp_path, monkeypatch, capsys):
-    original = UGATIT.train_step
-
-    def step_then_usr1(self, batch, step):
-        logs = original(self, batch, step)
-        if step == 2:
-            os.kill(os.getpid(), signal.SIGUSR1)
-        return logs
-
-    monkeypatch.setattr(UGATIT, 'train_step', step_then_usr1)
+    signal_after_step(monkeypatch, 2, signal.SIGUSR1)
     out = tmp_path / 'out'
     assert _run(tiny_dataset, out, '--iteration', '6', '--save_freq', '6') == utils.REQUEUE_EXIT_CODE
     assert 'stopped by signal at step 2; SIGUSR1' in capsys.readouterr().err
     assert utils.load_checkpoint(_model_dir(out) / 'tiny_params_0000002.pt')['step'] == 2
-    monkeypatch.setattr(UGATIT, 'train_step', original)
+    monkeypatch.undo()
     assert _run(tiny_dataset, out, '--iteration', '3', '--save_freq', '3', '--resume', 'True') == 0
 
 
@@ -212,14 +204,7 @@ def test_image_deleted_mid_run_then_resume_draws_as_the_unbroken_run(tmp_path, m
     _delete_after_step(monkeypatch, 8, unbroken_data / 'trainA' / victim)
     assert _run(unbroken_data, tmp_path / 'u', *flags, '--save_freq', '16') == 0
     monkeypatch.undo()
-    original = UGATIT.train_step
-
-    def stop_after_step_8(self, batch, step):   # the same schedule as the unbroken run, stopped by a signal
-        logs = original(self, batch, step)
-        if step == 8:
-            os.kill(os.getpid(), signal.SIGUSR1)
-        return logs
-    monkeypatch.setattr(UGATIT, 'train_step', stop_after_step_8)
+    signal_after_step(monkeypatch, 8, signal.SIGUSR1)   # the unbroken run's schedule, stopped at step 8
     assert _run(broken_data, tmp_path / 'b', *flags, '--save_freq', '16') == utils.REQUEUE_EXIT_CODE
     monkeypatch.undo()
     (broken_data / 'trainA' / victim).unlink()
