@@ -33,6 +33,7 @@ from model import DIRECTIONS, ArchConfig, Translator, build_generator
 PT_KEYS = {'genA2B': ('G', 'A2B'), 'genB2A': ('G', 'B2A'), 'disGA': ('D', 'A', 'G'),
            'disGB': ('D', 'B', 'G'), 'disLA': ('D', 'A', 'L'), 'disLB': ('D', 'B', 'L')}
 TRAINING_FORMAT = 'ugatit-pytorch/1'
+LOCK_NAME = '.lock'   # in the run folder, held by the process writing there (RunLock)
 
 
 def step_of(path: Path) -> int:
@@ -128,7 +129,7 @@ class RunFiles:
 
     @property
     def lock_path(self) -> Path:
-        return self.run_dir / '.lock'
+        return self.run_dir / LOCK_NAME
 
     def lock(self) -> RunLock:
         """Hold the run folder for this process (see RunLock)."""
@@ -172,8 +173,7 @@ class RunLock:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or 'unknown'
+            holder = _holder_pid(handle)
             handle.close()
             raise utils.UserError(f'{self.path.parent} is in use by another process (PID {holder}); wait for it to '
                                   f'end or stop it, or use another --result_dir (a test/img_dir/video phase: '
@@ -195,6 +195,17 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def _holder_pid(handle, wait_s: float = 2.0) -> str:
+    """The PID the lock's holder wrote; a holder that has just taken the lock writes it a moment later."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        handle.seek(0)
+        pid = handle.read().strip()
+        if pid or time.monotonic() > deadline:
+            return pid or 'unknown'
+        time.sleep(0.01)
 
 
 def warn(message: str) -> None:

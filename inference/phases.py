@@ -57,7 +57,7 @@ def run(cfg) -> None:
     job = load(cfg)
     phase = {'test': test, 'val': validate, 'img_dir': translate_folder, 'generate': translate_folder,
              'video': video, 'video_dir': video_dir, 'camera': camera}[cfg.phase]
-    with checkpoints.RunLock(job.run_dir / '.lock') if writes_into_run(cfg) else contextlib.nullcontext():
+    with checkpoints.RunLock(job.run_dir / checkpoints.LOCK_NAME) if writes_into_run(cfg) else contextlib.nullcontext():
         phase(job)
 
 

@@ -109,5 +109,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     return 0
 
+
 if __name__ == '__main__':
     sys.exit(main())
