@@ -21,7 +21,6 @@ import hashlib
 import io
 import math
 import os
-import signal
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -38,11 +37,9 @@ from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-import utils
+from errors import DatasetError, TooManyUnreadable, UnreadableImage
 from images import (
     LAYOUT,
-    DatasetError,
-    UnreadableImage,
     _is_readable,
     _readable_images,
     _warn_skipped,
@@ -50,6 +47,7 @@ from images import (
     load_rgb,
     scan_images,
 )
+from signals import ignore_stop_signals
 
 SPLITS = ('trainA', 'trainB', 'testA', 'testB')
 MATCH_MODES = ('hsv', 'hsl', 'rgb')
@@ -57,10 +55,6 @@ GROUP_SAMPLING = ('round_robin', 'balanced')
 # More than this share of a training domain unreadable stops the run: a few broken files are replaced
 # by others, but a vanished disk or a bad copy is not silently trained around for a week.
 MAX_UNREADABLE_SHARE = 0.1
-
-
-class TooManyUnreadable(DatasetError, utils.UserError):
-    """Too much of a training domain (or a whole group) cannot be read; one line, exit status 2."""
 
 
 def resolve_dataset_root(dataset: str) -> Path:
@@ -674,21 +668,6 @@ def _started_with(folder: Path, found: list[Path], labels: list[int] | None, sta
         return found, labels
     kept = [folder / rel for rel in started]
     return kept, None if groups is None else [int(rel.split('/', 1)[0]) for rel in started]
-
-
-def ignore_stop_signals(worker_id: int = 0, then: Callable[[int], None] | None = None) -> None:
-    """A DataLoader worker_init_fn: the worker ignores the stop signals (SIGINT, SIGTERM and SLURM's
-    SIGUSR1, whose default action would kill it), then runs `then`.
-
-    `timeout`, systemd, SLURM and Ctrl-C signal the whole process group. torch's own SIGTERM handler
-    in a worker exits it, and the main process then reports a crashed worker with a traceback in the
-    middle of its clean stop; ignoring them leaves the stop to the main process, which shuts its
-    workers down (and they exit by themselves if the main process dies).
-    """
-    for sig in utils.STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
-    if then is not None:
-        then(worker_id)
 
 
 # ---------------------------------------------------------------------------------------------------

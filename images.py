@@ -14,18 +14,12 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from errors import DatasetError, UnreadableImage
+
 IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
 LAYOUT = 'dataset/<name>/{trainA,trainB,testA,testB}/ holding image files'
 # Pillow's ways of failing on a corrupt or foreign file.
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError)
-
-
-class DatasetError(Exception):
-    """A user-fixable data problem; the message says what is wrong and how to fix it."""
-
-
-class UnreadableImage(DatasetError):
-    """A file with an image extension that cannot be decoded."""
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import torch
 import dataset as data
 import utils
 from model import DIRECTIONS, Direction
+from run_folder import LOGS_DIR, METRICS_FILE, PREVIEWS_DIR
 
 # FN's TensorBoard names for its face-distance curves, written too so its dashboards keep working.
 # FN (a TF fork) names generators by the domain they produce: G_A is B→A.
@@ -39,8 +40,8 @@ class TrainingMonitor:
         from torch.utils.tensorboard import SummaryWriter
         self.run_dir = run_dir
         self.samples = preview_samples(dataset_root, img_size, n_preview)   # read at start-up, not step 1000
-        self.writer = SummaryWriter(str(run_dir / 'logs'))
-        self.img_dir = run_dir / 'img'
+        self.writer = SummaryWriter(str(run_dir / LOGS_DIR))
+        self.img_dir = run_dir / PREVIEWS_DIR
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         for key, value in values.items():
@@ -61,7 +62,7 @@ class TrainingMonitor:
     def metrics(self, step: int, results: dict[str, float], record: dict | None = None) -> None:
         for key, value in results.items():
             self.writer.add_scalar(key, value, step)
-        with open(self.run_dir / 'metrics.jsonl', 'a') as f:
+        with open(self.run_dir / METRICS_FILE, 'a') as f:
             f.write(json.dumps({'step': step, **results, **(record or {})}) + '\n')
         self.writer.flush()
 

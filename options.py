@@ -14,13 +14,23 @@ from pathlib import Path
 import hub
 import presets
 import utils
-from augment import AdaOptions
-from dataset import StreamOptions
-from faceseg.masking import FaceMaskOptions
-from losses import GAN_TYPES, PENALTY_GAN_TYPES, GeneratorTermOptions
+from config import Config
+from losses import GAN_TYPES, PENALTY_GAN_TYPES
 from model import ArchConfig
 from networks import min_image_size
-from utils import str2bool
+
+
+def str2bool(value: str | bool) -> bool:
+    """PT's boolean flags, without its substring bug: only the usual spellings are accepted."""
+    if isinstance(value, bool):
+        return value
+    lowered = value.strip().lower()
+    if lowered in ('true', '1', 'yes', 'y', 'on'):
+        return True
+    if lowered in ('false', '0', 'no', 'n', 'off'):
+        return False
+    raise ValueError(f'expected a boolean (True/False/1/0/yes/no), got {value!r}')
+
 
 TF_ITERATIONS_PER_EPOCH = 10000   # TF's --iteration default (its --epoch 100 makes PT's 1M steps)
 PHASES = ('train', 'test', 'val', 'img_dir', 'generate', 'video', 'video_dir', 'camera')
@@ -268,17 +278,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Parse and validate; raises utils.UserError with a one-line message on bad input."""
+def parse_args(argv: list[str] | None = None) -> Config:
+    """Parse and validate into the typed run config; raises a one-line UserError on bad input."""
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
-    cfg = parser.parse_args(argv)
-    if cfg.preset:   # the preset's values become defaults, so the flags given still win
-        parser.set_defaults(**presets.PRESETS[cfg.preset].values)
-        cfg = parser.parse_args(argv)
-    cfg.explicit = explicit_flags(argv)
-    validate(cfg)
-    return cfg
+    flags = parser.parse_args(argv)
+    if flags.preset:   # the preset's values become defaults, so the flags given still win
+        parser.set_defaults(**presets.PRESETS[flags.preset].values)
+        flags = parser.parse_args(argv)
+    return validate(flags, explicit_flags(argv))
 
 
 def explicit_flags(argv: list[str]) -> frozenset[str]:
@@ -305,10 +313,13 @@ def _derive_discriminator_depths(flags: argparse.Namespace) -> None:
     flags.n_local_dis = flags.n_dis - 1 if flags.n_local_dis is None else flags.n_local_dis
 
 
-def validate(cfg: argparse.Namespace) -> None:
-    """All cross-flag rules in one place; fills derived fields."""
+def validate(flags: argparse.Namespace, explicit: frozenset[str] = frozenset()) -> Config:
+    """All cross-flag rules in one place. ``flags`` is left as parsed: the derived values (TF's
+    total steps, the discriminator depths, the device, ...) are resolved on a copy, which becomes the
+    returned :class:`config.Config`."""
     fail = _fail
-    cfg.explicit = getattr(cfg, 'explicit', frozenset())
+    cfg = argparse.Namespace(**vars(flags))
+    cfg.explicit = frozenset(explicit)
     cfg.dataset_name = Path(cfg.dataset).name if os.sep in cfg.dataset or Path(cfg.dataset).is_dir() \
         else cfg.dataset
     if cfg.img_ch != 3:
@@ -353,6 +364,8 @@ def validate(cfg: argparse.Namespace) -> None:
     _validate_dataset(cfg)
     _validate_phase(cfg, fail)
     cfg.device = _resolve_device(cfg.device, cfg.amp, fail)
+    values = {key: value for key, value in vars(cfg).items() if key != 'explicit'}
+    return Config.from_values(values, cfg.explicit)
 
 
 def _fail(message: str) -> None:
@@ -517,35 +530,3 @@ def _resolve_device(device: str, amp: str, fail) -> str:
     if amp == 'fp16' and not device.startswith('cuda'):
         fail('--amp fp16 needs a CUDA device; on the CPU use --amp bf16 or --amp off')
     return device
-
-
-# ----------------------------------------------------------------------------------------------
-# The components' own options, made from the validated flags in this one place
-
-
-def face_mask_options(cfg: argparse.Namespace) -> FaceMaskOptions:
-    return FaceMaskOptions(weights=cfg.faceseg_weights, hard_edge=cfg.hard_seg_edge,
-                           fix_glass_mouth=cfg.seg_fix_glass_mouth, patch_mask=cfg.seg_D_mask,
-                           cam_feature_mask=cfg.seg_D_cam_fea_mask, cam_input_mask=cfg.seg_D_cam_inp_mask,
-                           detach_background=cfg.seg_G_detach)
-
-
-def stream_options(cfg: argparse.Namespace) -> StreamOptions:
-    return StreamOptions(img_size=cfg.img_size, batch_size=cfg.batch_size, seed=cfg.seed, num_workers=cfg.num_workers,
-                         aug_prob=cfg.aug_prob, match_histograms=cfg.match_histograms, match_mode=cfg.match_mode,
-                         match_prob=cfg.match_prob, match_ratio=cfg.match_ratio, groups=cfg.groups,
-                         group_sampling=cfg.group_sampling, augment_flag=cfg.augment_flag, paired=cfg.paired,
-                         blur=cfg.has_blur)
-
-
-def ada_options(cfg: argparse.Namespace, world_size: int) -> AdaOptions:
-    return AdaOptions(pipeline=cfg.ada_pipeline, p=cfg.ada_p, target=cfg.ada_target, interval=cfg.ada_interval,
-                      kimg=cfg.ada_kimg, batch_size=cfg.batch_size * world_size)
-
-
-def generator_term_options(cfg: argparse.Namespace) -> GeneratorTermOptions:
-    return GeneratorTermOptions(face_distance_weight=cfg.face_distance_weight, facenet_weights=cfg.facenet_weights,
-                                facenet_pretrained=cfg.facenet_pretrained,
-                                facenet_checkpoint_dir=cfg.facenet_checkpoint_dir, seg_fix_weight=cfg.seg_fix_weight,
-                                tv_weight=cfg.tv_weight, pair_weight=cfg.pair_weight,
-                                group_loss=cfg.use_grouploss, group_weight=cfg.group_weight)

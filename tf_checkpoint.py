@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from errors import CheckpointError
+
 TABLE_MAGIC = 0xDB4775248B80FB57
 FOOTER_SIZE = 48
 BLOCK_TRAILER_SIZE = 5
@@ -34,10 +36,6 @@ DTYPES = {1: np.dtype('<f4'), 2: np.dtype('<f8'), 3: np.dtype('<i4'), 4: np.dtyp
           6: np.dtype('i1'), 9: np.dtype('<i8'), 10: np.dtype('?'), 14: 'bfloat16', 17: np.dtype('<u2'),
           19: np.dtype('<f2'), 22: np.dtype('<u4'), 23: np.dtype('<u8')}
 DTYPE_CODES = {np.dtype(v): k for k, v in DTYPES.items() if k != 14}
-
-
-class CheckpointError(ValueError):
-    """The files are not a readable TF V2 checkpoint (missing, truncated, corrupt or unsupported)."""
 
 
 # ----------------------------------------------------------------------------------------------

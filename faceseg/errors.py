@@ -2,11 +2,9 @@
 
 import os
 
+from errors import FaceWeightsError
+
 WEIGHTS_SOURCE = 'https://github.com/zllrunning/face-parsing.PyTorch (README: "our pre-trained model")'
-
-
-class FaceWeightsError(Exception):
-    """A required face-model weights file is missing or unusable."""
 
 
 def weights_error(path: str | os.PathLike, reason: str) -> FaceWeightsError:

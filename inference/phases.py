@@ -27,8 +27,9 @@ import hub
 import images
 import model
 import utils
-from checkpoints import RunFiles
+from config import Config
 from inference import sizing
+from run_folder import RunFiles, same_dataset
 
 VIDEO_EXTENSIONS = ('.mp4', '.avi', '.mov', '.mkv', '.ts', '.webm', '.m4v')
 
@@ -38,10 +39,19 @@ class Inference:
     """What every phase works with: a loaded model and where its run's files are."""
 
     translator: model.Translator
-    cfg: object
-    run_dir: Path
+    cfg: Config
+    files: RunFiles          # the run the checkpoint belongs to: where outputs go without --out_dir
     checkpoint: Path | str   # a file, an export folder or hf://OWNER/NAME
     aligner: object = None
+
+    @property
+    def run_dir(self) -> Path:
+        return self.files.run_dir
+
+    def output_dir(self, *in_run: str) -> Path:
+        """--out_dir, else the phase's folder in the run (run_folder.PHASE_OUTPUTS) and ``in_run`` below it."""
+        out = self.cfg.inference.out_dir
+        return Path(out) if out else self.files.phase_output(self.cfg.run.phase).joinpath(*in_run)
 
     @property
     def img_size(self) -> int:
@@ -51,64 +61,64 @@ class Inference:
         return self.translator.translate(images, direction).image
 
 
-def run(cfg) -> None:
+def run(cfg: Config) -> None:
     """Load the checkpoint's generators, then run the phase (holding the run folder's lock when it
     writes there, so it never runs beside the training of that folder)."""
     job = load(cfg)
     phase = {'test': test, 'val': validate, 'img_dir': translate_folder, 'generate': translate_folder,
-             'video': video, 'video_dir': video_dir, 'camera': camera}[cfg.phase]
-    with checkpoints.RunLock(job.run_dir / checkpoints.LOCK_NAME) if writes_into_run(cfg) else contextlib.nullcontext():
+             'video': video, 'video_dir': video_dir, 'camera': camera}[cfg.run.phase]
+    with job.files.lock() if writes_into_run(cfg) else contextlib.nullcontext():
         phase(job)
 
 
-def writes_into_run(cfg) -> bool:
+def writes_into_run(cfg: Config) -> bool:
     """Whether the phase writes into the run folder: its outputs without --out_dir, and val's
     Inception feature cache (the camera writes nothing). Phases that only read are not locked."""
-    if cfg.phase == 'camera':
+    if cfg.run.phase == 'camera':
         return False
-    return cfg.phase == 'val' or not cfg.out_dir
+    return cfg.run.phase == 'val' or not cfg.inference.out_dir
 
 
-def _dataset_root(cfg) -> Path | None:
+def _dataset_root(cfg: Config) -> Path | None:
     try:
-        return data.resolve_dataset_root(cfg.dataset)
+        return data.resolve_dataset_root(cfg.run.dataset)
     except images.DatasetError:
         return None   # img_dir/video need no dataset
 
 
-def find_checkpoint(cfg) -> Path | str:
+def find_checkpoint(cfg: Config) -> Path | str:
     """``--checkpoint`` or the newest checkpoint of the run (never one of another dataset folder);
     an ``hf://`` name stays a string (a Path would fold its //) for checkpoints.resolve_location."""
-    if cfg.checkpoint:
-        return cfg.checkpoint if hub.is_hub_uri(cfg.checkpoint) else Path(cfg.checkpoint)
-    files = RunFiles(cfg.result_dir, cfg.dataset_name)
+    if cfg.inference.checkpoint:
+        return cfg.inference.checkpoint if hub.is_hub_uri(cfg.inference.checkpoint) else Path(cfg.inference.checkpoint)
+    files = RunFiles(cfg.run.result_dir, cfg.run.dataset_name)
     root = _dataset_root(cfg)
-    found = files.newest(accept=lambda state: root is None or state.get('config', {}).get('dataset_root') in
-                         (None, str(root)))
+    found = files.newest(accept=lambda state: same_dataset(state, root))
     if found is None:
         raise utils.UserError(f'no checkpoint found in {files.model_dir} or {files.latest_path}: train first '
                               f'(--phase train) or pass --checkpoint FILE')
     return found.path
 
 
-def load(cfg) -> Inference:
+def load(cfg: Config) -> Inference:
     path = find_checkpoint(cfg)
-    translator, state = checkpoints.load_translator(path, cfg.device, use_ema=not cfg.no_ema, flags=cfg,
-                                              explicit=cfg.explicit, compile=cfg.compile)
-    translator.autocast = lambda: utils.autocast(cfg.amp, translator.device.type)
-    if cfg.no_ema and state['uses_ema']:
+    translator, state = checkpoints.load_translator(path, cfg.performance.device, use_ema=not cfg.inference.no_ema,
+                                                    flags=cfg.values, explicit=cfg.explicit,
+                                                    compile=cfg.performance.compile)
+    translator.autocast = lambda: utils.autocast(cfg.performance.amp, translator.device.type)
+    if cfg.inference.no_ema and state['uses_ema']:
         raise utils.UserError(f'--no_ema: {path} holds only the EMA generators (an export); export the raw ones '
                               f'with scripts/export.py --no_ema, or pass the training checkpoint')
-    if cfg.keep_size:
+    if cfg.inference.keep_size:
         sizing.check_keep_size(translator.arch)
     stored = state.get('config') or {}
     # A checkpoint alone names its run: outputs go next to the run it came from.
     name = stored.get('dataset_name') if 'dataset' not in cfg.explicit and stored.get('dataset_name') \
-        else cfg.dataset_name
+        else cfg.run.dataset_name
     weights = 'EMA' if state['uses_ema'] else 'raw'
     print(f'loaded {path} (step {state.get("step", "?")}, {weights} generators, {translator.img_size} px)',
           file=sys.stderr)
-    return Inference(translator, cfg, Path(cfg.result_dir) / name, path)
+    return Inference(translator, cfg, RunFiles(cfg.run.result_dir, name), path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -119,11 +129,11 @@ def test(job: Inference) -> None:
     """Every testA/testB image translated on its own (A2B/<name>.png), PT-style strips and index.html,
     under ``--out_dir`` or ``<run>/test``."""
     cfg = job.cfg
-    root = data.resolve_dataset_root(cfg.dataset)
-    out_root = Path(cfg.out_dir) if cfg.out_dir else job.run_dir / 'test'
+    root = data.resolve_dataset_root(cfg.run.dataset)
+    out_root = job.output_dir()
     rows: dict[str, list[tuple[str, Path, Path]]] = {}
-    for direction in ('A2B', 'B2A'):
-        folder = root / f'test{direction[0]}'
+    for d in model.DIRECTIONS:
+        direction, folder = d.name, root / f'test{d.source}'
         rows[direction] = _translate_tree(job, folder, out_root / direction, direction)
         _write_strips(job, folder, out_root / 'strips' / direction, direction)
     _write_index(out_root / 'index.html', rows)
@@ -134,13 +144,13 @@ def translate_folder(job: Inference) -> None:
     """``--phase img_dir``/``generate`` (the same phase under EN's two names): translate a folder
     (recursively) in one direction into ``--out_dir`` or ``<run>/<phase>/<direction>``."""
     cfg = job.cfg
-    folder = Path(cfg.img_dir)
-    out = Path(cfg.out_dir) if cfg.out_dir else job.run_dir / cfg.phase / cfg.direction
-    if cfg.align_faces or cfg.crop == 'center':
+    folder = Path(cfg.inference.img_dir)
+    out = job.output_dir(cfg.inference.direction)
+    if cfg.inference.align_faces or cfg.inference.crop == 'center':
         _translate_photos(job, folder, out)
         return
-    written = _translate_tree(job, folder, out, cfg.direction)
-    if not cfg.keep_size:
+    written = _translate_tree(job, folder, out, cfg.inference.direction)
+    if not cfg.inference.keep_size:
         _note_non_square([source for _, source, _ in written], job.img_size)
     print(f'wrote {len(written)} images to {out}', file=sys.stderr)
 
@@ -150,10 +160,10 @@ def _translate_tree(job: Inference, folder: Path, out: Path, direction: str) -> 
     ``dataset.output_names``: unique even when stems collide); returns (name, source, output).
     Batched at img_size, or one by one at each image's own size with --keep_size."""
     cfg = job.cfg
-    loader = data.build_test_loader(folder, job.img_size, batch_size=cfg.batch_size,
-                                    num_workers=min(cfg.num_workers, 2))
+    loader = data.build_test_loader(folder, job.img_size, batch_size=cfg.schedule.batch_size,
+                                    num_workers=min(cfg.run.num_workers, 2))
     sources = dict(zip(loader.dataset.names, loader.dataset.paths))
-    if cfg.keep_size:
+    if cfg.inference.keep_size:
         return [(name, path, _translate_file_at_own_size(job, path, out / f'{name}.png', direction))
                 for name, path in tqdm(sources.items(), desc=f'{direction} {folder.name}', file=sys.stderr)]
     written = []
@@ -168,15 +178,15 @@ def _translate_tree(job: Inference, folder: Path, out: Path, direction: str) -> 
 
 def _translate_file_at_own_size(job: Inference, source: Path, target: Path, direction: str) -> Path:
     translation, _ = sizing.translate_image(job.translator, images.load_rgb(source), direction, keep_size=True,
-                                            max_size=job.cfg.max_size)
+                                            max_size=job.cfg.inference.max_size)
     utils.save_rgb(target, translation)
     return target
 
 
 def _write_strips(job: Inference, folder: Path, strips_dir: Path, direction: str) -> None:
     """PT's visual strips (real, heatmaps, translation, cycle) per image, at img_size."""
-    loader = data.build_test_loader(folder, job.img_size, batch_size=job.cfg.batch_size,
-                                    num_workers=min(job.cfg.num_workers, 2))
+    loader = data.build_test_loader(folder, job.img_size, batch_size=job.cfg.schedule.batch_size,
+                                    num_workers=min(job.cfg.run.num_workers, 2))
     for batch, names in loader:
         for name, column in zip(names, job.translator.visual_columns(batch, direction)):
             utils.save_rgb(strips_dir / f'{name}.png', utils.grid([column]))
@@ -221,15 +231,15 @@ def validate(job: Inference) -> None:
     """``--phase val``: FID/KID of the checkpoint's generators (raw and EMA), printed."""
     from metrics.training import TranslationMetrics
     cfg = job.cfg
-    raw, state = checkpoints.load_translator(job.checkpoint, cfg.device, use_ema=False, flags=cfg,
+    raw, state = checkpoints.load_translator(job.checkpoint, cfg.performance.device, use_ema=False, flags=cfg.values,
                                              explicit=cfg.explicit)
-    if state['has_ema'] and not cfg.no_ema:
+    if state['has_ema'] and not cfg.inference.no_ema:
         translators = {'': raw, '_ema': job.translator}
     else:   # raw weights, or an export of the EMA weights only
         translators = {'_ema' if state['uses_ema'] else '': raw}
-    metrics = TranslationMetrics(data.resolve_dataset_root(cfg.dataset), job.img_size, cfg.inception_weights,
-                                 cfg.device, batch_size=cfg.fid_batch, cache_dir=job.run_dir / 'metric_cache',
-                                 groups=cfg.groups, num_workers=cfg.num_workers)
+    metrics = TranslationMetrics(data.resolve_dataset_root(cfg.run.dataset), job.img_size, cfg.run.inception_weights,
+                                 cfg.performance.device, batch_size=cfg.run.fid_batch, cache_dir=job.files.metric_cache,
+                                 groups=cfg.few_shot.groups, num_workers=cfg.run.num_workers)
     results, _ = metrics.evaluate(translators)
     for key in sorted(results):
         if not key.startswith('KID_std'):
@@ -250,23 +260,23 @@ def frame_translator(job: Inference) -> Callable[[np.ndarray], np.ndarray]:
     def translate_square(rgb: np.ndarray) -> np.ndarray:
         x = cv2.resize(rgb, (size, size), interpolation=cv2.INTER_AREA)
         tensor = torch.from_numpy(x).permute(2, 0, 1).float().div(127.5).sub(1).unsqueeze(0)
-        return utils.tensor_to_uint8(job.translate(tensor, cfg.direction)[0])
+        return utils.tensor_to_uint8(job.translate(tensor, cfg.inference.direction)[0])
 
     def translate_own_size(rgb: np.ndarray) -> np.ndarray:
-        return sizing.translate_image(job.translator, Image.fromarray(rgb), cfg.direction, keep_size=True,
-                                      max_size=cfg.max_size)[0]
+        return sizing.translate_image(job.translator, Image.fromarray(rgb), cfg.inference.direction, keep_size=True,
+                                      max_size=cfg.inference.max_size)[0]
 
-    if cfg.align_faces:
+    if cfg.inference.align_faces:
         from faceseg.align import FaceAligner
         aligner = FaceAligner(device=str(job.translator.device))
         job.aligner = aligner   # its faces_found tells img_dir which photos had no face
         return lambda rgb: aligner.apply(rgb, translate_square, out_size=size, all_faces=True)
 
-    translate = translate_own_size if cfg.keep_size else translate_square
+    translate = translate_own_size if cfg.inference.keep_size else translate_square
 
     def translate_frame(rgb: np.ndarray) -> np.ndarray:
         h, w = rgb.shape[:2]
-        if cfg.crop == 'center':
+        if cfg.inference.crop == 'center':
             side = min(h, w)
             top, left = (h - side) // 2, (w - side) // 2
             out = rgb.copy()
@@ -299,12 +309,12 @@ def _translate_photos(job: Inference, folder: Path, out: Path) -> None:
             unreadable += 1
             continue
         result = translate(rgb)
-        if job.cfg.align_faces and not job.aligner.faces_found:
+        if job.cfg.inference.align_faces and not job.aligner.faces_found:
             tqdm.write(f'note: no face found in {path}; copied unchanged', file=sys.stderr)
             faceless += 1
         utils.save_rgb(out / f'{name}.png', result)
         written += 1
-    extra = f', {faceless} without a face' if job.cfg.align_faces else ''
+    extra = f', {faceless} without a face' if job.cfg.inference.align_faces else ''
     print(f'wrote {written} images to {out}{extra}, {unreadable} unreadable skipped', file=sys.stderr)
 
 
@@ -318,7 +328,7 @@ def translate_video(job: Inference, path: Path, out_dir: Path) -> Path:
     total = int(reader.get(cv2.CAP_PROP_FRAME_COUNT)) or None
     translate = frame_translator(job)
     out_dir.mkdir(parents=True, exist_ok=True)
-    target = out_dir / f'{path.stem}_{cfg.direction}.mp4'
+    target = out_dir / f'{path.stem}_{cfg.inference.direction}.mp4'
     writer = None
     try:
         for _ in tqdm(range(total) if total else iter(int, 1), desc=path.name, file=sys.stderr):
@@ -341,12 +351,12 @@ def translate_video(job: Inference, path: Path, out_dir: Path) -> Path:
 
 
 def video(job: Inference) -> None:
-    out = translate_video(job, Path(job.cfg.video_path), _video_out(job))
+    out = translate_video(job, Path(job.cfg.inference.video_path), _video_out(job))
     print(f'wrote {out}', file=sys.stderr)
 
 
 def video_dir(job: Inference) -> None:
-    folder = Path(job.cfg.video_path)
+    folder = Path(job.cfg.inference.video_path)
     videos = sorted(p for p in folder.rglob('*') if p.suffix.lower() in VIDEO_EXTENSIONS)
     if not videos:
         raise utils.UserError(f'no videos ({", ".join(VIDEO_EXTENSIONS)}) in {folder}')
@@ -355,14 +365,15 @@ def video_dir(job: Inference) -> None:
 
 
 def _video_out(job: Inference) -> Path:
-    return Path(job.cfg.out_dir) if job.cfg.out_dir else job.run_dir / 'video'
+    return job.output_dir()
 
 
 def camera(job: Inference) -> None:
     """Webcam preview (original | translation); press q or Esc to quit."""
-    capture = cv2.VideoCapture(job.cfg.camera_id)
+    capture = cv2.VideoCapture(job.cfg.inference.camera_id)
     if not capture.isOpened():
-        raise utils.UserError(f'no camera at index {job.cfg.camera_id} (is a webcam connected? try --camera_id)')
+        raise utils.UserError(f'no camera at index {job.cfg.inference.camera_id} (is a webcam connected? try '
+                              f'--camera_id)')
     translate = frame_translator(job)
     try:
         while True:

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.functional import to_tensor
 
 import images
-from dataset import ignore_stop_signals
+from signals import ignore_stop_signals
 
 from .inception import FEATURE_DIM, build_inception, inception_features, unit_range_features
 from .scores import MetricsError, feature_statistics, frechet_distance, kernel_inception_distance

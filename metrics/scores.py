@@ -5,9 +5,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import linalg
 
-
-class MetricsError(Exception):
-    """A user-facing metrics error; the message says what is wrong and how to fix it."""
+from errors import MetricsError
 
 
 def feature_statistics(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

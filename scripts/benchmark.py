@@ -180,9 +180,9 @@ def prepare(flags: list[str], step_fn: Callable, warmup: int) -> Runner:
     thread waking every few ms preempts the intra-op worker threads and slows small models severalfold.
     """
     cfg = cli.parse_args(flags)
-    with MemoryMeter(torch.device(cfg.device)) as meter:
+    with MemoryMeter(torch.device(cfg.performance.device)) as meter:
         trainer = UGATIT(cfg)
-        batches = random_batches(2, cfg.batch_size, cfg.img_size, trainer.device)
+        batches = random_batches(2, cfg.schedule.batch_size, cfg.arch.img_size, trainer.device)
         runner = Runner(trainer, step_fn, batches, None, 0)
         warm_up(runner, trainer.device, warmup)
     runner.gpu_peak_bytes, runner.host_increase_bytes = meter.gpu_peak(), meter.host_increase

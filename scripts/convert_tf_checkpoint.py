@@ -38,6 +38,7 @@ if __package__ in (None, ''):  # run as a file: make the repository root importa
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import checkpoints  # noqa: E402
+import options  # noqa: E402
 import utils  # noqa: E402
 from checkpoints import TRAINING_FORMAT  # noqa: E402
 from inference import model_card  # noqa: E402
@@ -365,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _bool(value: str) -> bool:
     try:
-        return utils.str2bool(value)
+        return options.str2bool(value)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -378,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         state = convert(args.checkpoint, args.smoothing, args.img_size, generators_only=args.export is not None)
         written = write_export(state, args) if args.export else []
         if args.output:
-            utils.atomic_save(state, args.output)
+            checkpoints.atomic_save(state, args.output)
     except (utils.UserError, CheckpointError, OSError) as exc:
         print(f'error: {exc}', file=sys.stderr)
         return 2

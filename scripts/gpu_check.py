@@ -60,8 +60,11 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))   # faceseg's BiSeNet, for its random weights
-PT_KEYS = ('genA2B', 'genB2A', 'disGA', 'disGB', 'disLA', 'disLB', 'genA2B_ema', 'genB2A_ema')
+    sys.path.insert(0, str(ROOT))   # the project's modules (faceseg's BiSeNet, for its random weights)
+from checkpoints import PT_KEYS as NETWORK_KEYS  # noqa: E402
+from run_folder import LOGS_DIR, RunFiles  # noqa: E402
+
+WEIGHT_KEYS = (*NETWORK_KEYS, 'genA2B_ema', 'genB2A_ema')   # every network a training checkpoint holds
 MEMORY_NOTE = ('peak MB: the largest torch.cuda.max_memory_allocated of the row\'s processes (CUDA) or the '
                'largest peak RSS (ru_maxrss) of its processes (CPU), read as each process exits')
 
@@ -329,12 +332,12 @@ def tail(path: Path, n: int = 30) -> str:
 
 
 def checkpoint(result_dir: Path, data: Path, step: int) -> Path:
-    return result_dir / data.name / 'model' / f'{data.name}_params_{step:07d}.pt'
+    return RunFiles(result_dir, data.name).checkpoint_path(step)
 
 
 def load_weights(path: Path) -> dict[str, torch.Tensor]:
     state = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
-    return {f'{key}.{name}': value.float() for key in PT_KEYS if key in state
+    return {f'{key}.{name}': value.float() for key in WEIGHT_KEYS if key in state
             for name, value in state[key].items() if value.is_floating_point()}
 
 
@@ -373,7 +376,7 @@ def seconds_per_step(logs: Path) -> float | None:
 
 def check_test_outputs(result_dir: Path, data: Path) -> None:
     expected = len(list((data / 'testA').iterdir()))
-    written = list((result_dir / data.name / 'test' / 'A2B').glob('*.png'))
+    written = list(RunFiles(result_dir, data.name).phase_output('test').joinpath('A2B').glob('*.png'))
     if len(written) != expected:
         raise Failure(f'--phase test wrote {len(written)} A2B images, expected {expected}')
 
@@ -401,7 +404,8 @@ def resume_cycle(ctx: Context, row: RowRun, *flags: str) -> tuple[float | None, 
                       f'weights\' movement since step {every} (max |Δ| {biggest:.3g})')
     exact = 'resumed = unbroken bit for bit' if biggest == 0 else \
         f'resumed vs unbroken: max |Δ| {biggest:.2g}, mean |Δ| {relative:.2g} of the movement since step {every}'
-    return seconds_per_step(unbroken / ctx.data.name / 'logs'), '; '.join(filter(None, [exact, note]))
+    logs = RunFiles(unbroken, ctx.data.name).run_dir / LOGS_DIR
+    return seconds_per_step(logs), '; '.join(filter(None, [exact, note]))
 
 
 def train_and_test(ctx: Context, row: RowRun, *flags: str,
@@ -412,7 +416,7 @@ def train_and_test(ctx: Context, row: RowRun, *flags: str,
     if test is not None:
         row.run('test', ctx.test_cmd(out, *test))
         check_test_outputs(out, ctx.data)
-    return seconds_per_step(out / ctx.data.name / 'logs'), ''
+    return seconds_per_step(RunFiles(out, ctx.data.name).run_dir / LOGS_DIR), ''
 
 
 def needs(*modules: str) -> None:
@@ -539,7 +543,7 @@ def ddp_row(*flags: str, resume: bool, test: bool) -> Callable:
             row.run('test', ctx.test_cmd(out))
             check_test_outputs(out, ctx.data)
         done = ', '.join(['2-process training', *(['resumed'] if resume else []), *(['tested'] if test else [])])
-        return seconds_per_step(out / ctx.data.name / 'logs'), done
+        return seconds_per_step(RunFiles(out, ctx.data.name).run_dir / LOGS_DIR), done
     return run
 
 

@@ -25,7 +25,7 @@ def _critic(trainer: UGATIT, domain: str, image: torch.Tensor, first: bool) -> l
 
 def reference_train_step(trainer: UGATIT, batch: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
     """PT's iteration on the trainer's networks and optimizers; returns the loss totals."""
-    cfg = trainer.cfg
+    weights = trainer.weights
     G, gan = trainer.G, trainer.gan_loss
     batch = trainer._prepare(batch)
     real_A, real_B = batch['A'], batch['B']
@@ -55,9 +55,9 @@ def reference_train_step(trainer: UGATIT, batch: dict[str, torch.Tensor], step: 
                                                        ('B2A', fake_B2A, idt_A, rec_B, real_B, real_A)):
         critic = _critic(trainer, direction[-1], fake.image, first=False)
         g_loss = g_loss + (trainer.adv_weight[direction] * gan.g(critic)
-                           + cfg.cycle_weight * L.l1(rec, source)
-                           + cfg.identity_weight * L.l1(idt.image, target)
-                           + cfg.cam_weight * L.generator_cam_loss(fake.cam_logit, idt.cam_logit))
+                           + weights.cycle_weight * L.l1(rec, source)
+                           + weights.identity_weight * L.l1(idt.image, target)
+                           + weights.cam_weight * L.generator_cam_loss(fake.cam_logit, idt.cam_logit))
     g_loss.backward()
     trainer.G_optim.step()
     trainer.after_step(step)

@@ -46,6 +46,19 @@ def tiny_trainer(dataset: Path, tmp_path: Path, *extra: str):
     return UGATIT(main.parse_args(tiny_flags(dataset, tmp_path / 'out', '--iteration', '10', *extra)))
 
 
+def train_stream(trainer):
+    """The training batches of ``trainer``'s config from step 1 (what its run would feed it)."""
+    import dataset as data
+    config = trainer.config
+    return data.train_stream(data.resolve_dataset_root(config.run.dataset), config.data, 1, trainer.dist)
+
+
+def run_training(trainer) -> None:
+    """The training run of ``trainer``'s config (training_loop), as main.py starts it."""
+    import training_loop
+    training_loop.TrainingRun(trainer, trainer.config).run()
+
+
 def random_batches(n: int, batch: int = 2, size: int = 32, seed: int = 123) -> list[dict]:
     """n batches of uniform images in [-1, 1] for both domains, from a seeded generator."""
     import torch

@@ -36,10 +36,10 @@ def test_boolean_flag_alone_means_true_and_light_takes_pool_size():
 
 
 def test_n_dis_maps_to_pt_depths(tiny_dataset):
-    cfg = main.parse_args(['--dataset', str(tiny_dataset), '--device', 'cpu'])
-    assert (cfg.n_global_dis, cfg.n_local_dis) == (7, 5)
-    cfg = main.parse_args(['--dataset', str(tiny_dataset), '--device', 'cpu', '--n_dis', '5'])
-    assert (cfg.n_global_dis, cfg.n_local_dis) == (6, 4)
+    arch = main.parse_args(['--dataset', str(tiny_dataset), '--device', 'cpu']).arch
+    assert (arch.n_global_dis, arch.n_local_dis) == (7, 5)
+    arch = main.parse_args(['--dataset', str(tiny_dataset), '--device', 'cpu', '--n_dis', '5']).arch
+    assert (arch.n_global_dis, arch.n_local_dis) == (6, 4)
 
 
 def test_help_documents_groups():

@@ -7,14 +7,18 @@
 """
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
-from conftest import random_batches, tiny_flags, tiny_trainer
+from conftest import random_batches, run_training, tiny_flags, tiny_trainer
 
 import checkpoints
 import dataset as data
+import errors
 import main
-import utils
+import run_folder
+import training_loop
 
 
 def _record_map_locations(monkeypatch) -> list:
@@ -43,12 +47,13 @@ def test_resume_reads_the_checkpoint_onto_the_cpu_whatever_the_training_device(t
     trainer.device = torch.device('meta')   # stands for cuda: a tensor mapped onto it is not on the CPU
     seen = _record_map_locations(monkeypatch)
     torch.manual_seed(999)
-    found = checkpoints.checkpoint_to_resume(trainer.files, trainer.dataset_root, trainer.arch)
+    run = training_loop.TrainingRun(trainer, trainer.config)
+    found = run_folder.checkpoint_to_resume(run.files, run.dataset_root, trainer.arch)
     assert found is not None and found.step == 2
     trainer.load_state_dict(found.state)
     path = found.path
     assert seen and all(str(loc) == 'cpu' for loc in seen), seen
-    saved = utils.load_checkpoint(path)['rng']['torch']
+    saved = checkpoints.load_checkpoint(path)['rng']['torch']
     assert torch.equal(torch.get_rng_state(), saved)   # restored, not left at the seed above
 
 
@@ -84,10 +89,11 @@ def test_fp16_resume_from_a_run_without_a_scaler(tiny_dataset, tmp_path):
     """Finding 3: an --amp off/bf16 checkpoint stores an empty scaler state; an enabled scaler
     refused it ('The source state dict is empty')."""
     checkpoint = _trained_checkpoint(tiny_dataset, tmp_path)
-    assert utils.load_checkpoint(checkpoint)['scaler'] == {}
+    assert checkpoints.load_checkpoint(checkpoint)['scaler'] == {}
     trainer = tiny_trainer(tiny_dataset, tmp_path, '--resume', 'True', '--iteration', '4')
     _enable_fp16_scaler(trainer)
-    found = checkpoints.checkpoint_to_resume(trainer.files, trainer.dataset_root, trainer.arch)
+    run = training_loop.TrainingRun(trainer, trainer.config)
+    found = run_folder.checkpoint_to_resume(run.files, run.dataset_root, trainer.arch)
     assert found.path == checkpoint
     trainer.load_state_dict(found.state)
     assert trainer.scaler.get_scale() == 2.0 ** 10   # starts fresh
@@ -169,7 +175,8 @@ def test_generator_step_critic_is_the_compiled_one_under_compile(tiny_dataset, t
 def _fp16_on_the_cpu(trainer) -> None:
     """--amp fp16 as CUDA runs it, on the CPU (which autocasts to float16 too): validation refuses
     fp16 on a CPU, so the trainer is switched after it is built."""
-    trainer.cfg.amp = 'fp16'
+    config = trainer.config
+    trainer.config = dataclasses.replace(config, performance=dataclasses.replace(config.performance, amp='fp16'))
     _enable_fp16_scaler(trainer)
     trainer.scaler = torch.amp.GradScaler('cpu')   # PyTorch's default initial scale, 2^16
 
@@ -180,15 +187,15 @@ def test_fp16_overflowing_first_steps_are_skipped_not_a_divergence(tiny_dataset,
     the scaler skips it and backs off, as AMP intends; the run must go on."""
     trainer = tiny_trainer(tiny_dataset, tmp_path, '--gan_type', 'wgan-gp', '--iteration', '4', '--save_freq', '4')
     _fp16_on_the_cpu(trainer)
-    trainer.train()
-    state = utils.load_checkpoint(tmp_path / 'out' / 'tiny' / 'model' / 'tiny_params_0000004.pt')
+    run_training(trainer)
+    state = checkpoints.load_checkpoint(tmp_path / 'out' / 'tiny' / 'model' / 'tiny_params_0000004.pt')
     assert state['step'] == 4 and state['scaler']['scale'] < 2.0 ** 16
     assert all(torch.isfinite(v).all() for v in state['genA2B'].values())
 
 
 def test_fp16_run_whose_losses_stay_nonfinite_stops(tiny_dataset, tmp_path, monkeypatch):
     import ugatit
-    monkeypatch.setattr(ugatit, 'MAX_SKIPPED_STEPS', 2)
+    monkeypatch.setattr(training_loop, 'MAX_SKIPPED_STEPS', 2)
     trainer = tiny_trainer(tiny_dataset, tmp_path, '--iteration', '6', '--log_freq', '1')
     _fp16_on_the_cpu(trainer)
     real_step = ugatit.UGATIT.train_step
@@ -196,5 +203,5 @@ def test_fp16_run_whose_losses_stay_nonfinite_stops(tiny_dataset, tmp_path, monk
     def nan_step(self, batch, step):
         return {k: v * float('nan') for k, v in real_step(self, batch, step).items()}
     monkeypatch.setattr(ugatit.UGATIT, 'train_step', nan_step)
-    with pytest.raises(ugatit.TrainingDiverged, match='not finite for the last 3 steps'):
-        trainer.train()
+    with pytest.raises(errors.TrainingDiverged, match='not finite for the last 3 steps'):
+        run_training(trainer)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import checkpoints
 import utils
 from augment import AugmentPipe
 
@@ -49,7 +50,7 @@ def test_baseline_resumes_with_group_loss(tmp_path):
     # Crashed in D_optim.load_state_dict ("parameter group that doesn't match the size").
     assert main.main(tiny_flags(root, out, '--iteration', '4', '--save_freq', '2', '--resume', 'True',
                                 '--group', '0,1', '--use_grouploss', 'True')) == 0
-    state = utils.load_checkpoint(out / 'groups' / 'model' / 'groups_params_0000004.pt')
+    state = checkpoints.load_checkpoint(out / 'groups' / 'model' / 'groups_params_0000004.pt')
     assert 'group_fc.weight_orig' in state['disGB'] and state['step'] == 4
 
 
@@ -131,7 +132,7 @@ def test_explicit_sn_values_still_work(tiny_dataset, tmp_path):
     from conftest import tiny_trainer
     trainer = tiny_trainer(tiny_dataset, tmp_path, '--sn', 'False', '--cam_D_attention', 'False')
     names = [name for name, _ in trainer.D['A']['G'].named_parameters()]
-    assert trainer.cfg.sn is False and not any(name.endswith('weight_orig') for name in names)
+    assert trainer.arch.sn is False and not any(name.endswith('weight_orig') for name in names)
     with_sn = tiny_trainer(tiny_dataset, tmp_path, '--sn', 'True')
     assert any(name.endswith('weight_orig') for name, _ in with_sn.D['A']['G'].named_parameters())
 

@@ -22,6 +22,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import distributed
+
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 150
 TABLE_TIMEOUT_S = 400    # ~25 s on 2 idle cores; minutes when other jobs share them
@@ -63,9 +65,9 @@ def _same_batches(flags: list[str], n: int = SAME_BATCH_STEPS, size: int = 32) -
     g = torch.Generator().manual_seed(7)
     batches = []
     for step in range(1, n + 1):
-        domains = ('A', 'B', 'blur_A', 'blur_B') if cfg.has_blur else ('A', 'B')
+        domains = ('A', 'B', 'blur_A', 'blur_B') if cfg.data.blur else ('A', 'B')
         batch = {k: torch.rand(2, 3, size, size, generator=g) * 2 - 1 for k in domains}
-        if cfg.groups:
+        if cfg.few_shot.groups:
             batch.update({f'group_{d}': torch.full((2,), GROUPS[step % len(GROUPS)]) for d in 'AB'})
         batches.append(batch)
     return batches
@@ -267,10 +269,10 @@ def test_untrainable_parameters_are_exactly_the_ones_without_gradient(tiny_datas
     (not the 2019 graph's scaling FC, which TF made without the regulariser)."""
     from conftest import random_batches, tiny_trainer
 
-    import utils
     trainer = tiny_trainer(tiny_dataset, tmp_path, *flags)
     trainer.train_step(random_batches(1)[0], 1)
-    rule = {id(p) for p in utils.untrainable_parameters(trainer.D, trainer.cfg.cam_D_weight, trainer.regularisers['D'])}
+    rule = {id(p) for p in distributed.untrainable_parameters(trainer.D, trainer.weights.cam_D_weight,
+                                                              trainer.regularisers['D'])}
     assert {n for n, p in trainer.D.named_parameters() if id(p) in rule} == \
         {n for n, p in trainer.D.named_parameters() if p.grad is None}
 
@@ -283,7 +285,6 @@ def test_ddp_wrapper_skips_untrained_parameters_and_fails_loudly_on_a_wrong_rule
     import torch.distributed as dist
     from torch import nn
 
-    import utils
 
     class Net(nn.Module):
         def __init__(self) -> None:
@@ -297,12 +298,12 @@ def test_ddp_wrapper_skips_untrained_parameters_and_fails_loudly_on_a_wrong_rule
     dist.init_process_group('gloo', store=dist.HashStore(), rank=0, world_size=1)
     try:
         net = Net()
-        run, _, _ = utils.wrap_for_speed({'A2B': net}, {}, ctx, False, untrained=list(net.dead.parameters()))
+        run, _, _ = distributed.wrap_for_speed({'A2B': net}, {}, ctx, False, untrained=list(net.dead.parameters()))
         for _ in range(2):   # without the skip, the second forward fails: the reduction never finished
             run['A2B'](torch.ones(2, 3)).sum().backward()
         assert net.used.weight.grad is not None and net.dead.weight.grad is None
         net = Net()
-        run, _, _ = utils.wrap_for_speed({'A2B': net}, {}, ctx, False, untrained=[net.used.bias])
+        run, _, _ = distributed.wrap_for_speed({'A2B': net}, {}, ctx, False, untrained=[net.used.bias])
         with pytest.raises(RuntimeError, match='untrainable'):
             run['A2B'](torch.ones(2, 3)).sum().backward()
     finally:

@@ -7,9 +7,10 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_flags
+from conftest import tiny_flags, train_stream
 from torch import nn
 
+import checkpoints
 import losses
 import main
 import utils
@@ -89,7 +90,7 @@ def test_cam_d_weight_flag_changes_d_loss(tiny_dataset, tmp_path):
 
 def test_has_blur_generates_images_once_and_feeds_d(tiny_dataset, tmp_path):
     trainer = _trainer(tiny_dataset, tmp_path, '--has_blur', 'True')
-    batch = next(trainer._train_stream(1))
+    batch = next(train_stream(trainer))
     assert {'blur_A', 'blur_B'} <= set(batch)
     assert len(list((tiny_dataset / 'blurA').glob('*.png'))) == 6
     with_blur = trainer.train_step(batch, 1)
@@ -139,7 +140,7 @@ def _train_tiny(tiny_dataset, out, *extra) -> None:
 def test_test_phase_uses_ema_weights_unless_no_ema(tiny_dataset, tmp_path):
     out = tmp_path / 'r'
     _train_tiny(tiny_dataset, out, '--ema_start', '0', '--ema_beta', '0.5', '--lr', '0.01')
-    state = utils.load_checkpoint(out / 'tiny' / 'model' / 'tiny_params_0000003.pt')
+    state = checkpoints.load_checkpoint(out / 'tiny' / 'model' / 'tiny_params_0000003.pt')
     assert not torch.equal(state['genA2B']['conv1x1.weight'], state['genA2B_ema']['conv1x1.weight'])
     assert main.main(tiny_flags(tiny_dataset, out, '--phase', 'test')) == 0
     ema_img = cv2.imread(str(out / 'tiny' / 'test' / 'A2B' / 'img0.png'))

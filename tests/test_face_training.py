@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_flags
+from conftest import tiny_flags, train_stream
 
 import losses as L
 import main
@@ -38,7 +38,7 @@ def _trainer(dataset: Path, tmp_path: Path, *extra: str) -> UGATIT:
 
 
 def _batch(trainer: UGATIT) -> dict[str, torch.Tensor]:
-    return next(trainer._train_stream(1))
+    return next(train_stream(trainer))
 
 
 def _step_pair(dataset, tmp_path, weights, *flags):

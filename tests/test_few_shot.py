@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_domain, tiny_flags, tiny_trainer
+from conftest import make_domain, tiny_flags, tiny_trainer, train_stream
 
+import checkpoints
 import main
-import utils
 from model import build_critic
 
 
@@ -36,7 +36,7 @@ def _batch(group: int) -> dict[str, torch.Tensor]:
 
 def test_group_labels_come_from_folders(grouped_dataset, tmp_path):
     trainer = _trainer(grouped_dataset, tmp_path, '--group', '0,1', '--use_grouploss', 'True')
-    stream = trainer._train_stream(1)
+    stream = train_stream(trainer)
     groups = [int(next(stream)['group_A'][0]) for _ in range(4)]
     assert groups == [1, 0, 1, 0]           # round robin: step t uses groups[t % 2]
     assert trainer.D['B']['G'].group_fc is not None and not hasattr(trainer.D['A']['G'], 'group_fc')
@@ -95,9 +95,9 @@ def test_ada_augments_d_inputs_adapts_p_and_survives_resume(grouped_dataset, tmp
     (broken / 'grouped' / 'model' / 'grouped_params_0000004.pt').unlink()
     assert main.main(tiny_flags(grouped_dataset, broken, '--iteration', '4', '--save_freq', '2', '--resume',
                                 'True', *flags)) == 0
-    a = utils.load_checkpoint(straight / 'grouped' / 'model' / 'grouped_params_0000004.pt')
-    b = utils.load_checkpoint(broken / 'grouped' / 'model' / 'grouped_params_0000004.pt')
-    step2 = utils.load_checkpoint(straight / 'grouped' / 'model' / 'grouped_params_0000002.pt')
+    a = checkpoints.load_checkpoint(straight / 'grouped' / 'model' / 'grouped_params_0000004.pt')
+    b = checkpoints.load_checkpoint(broken / 'grouped' / 'model' / 'grouped_params_0000004.pt')
+    step2 = checkpoints.load_checkpoint(straight / 'grouped' / 'model' / 'grouped_params_0000002.pt')
     for dom in 'AB':
         assert float(a['ada'][dom]['p']) == float(b['ada'][dom]['p'])
         assert float(a['ada'][dom]['p']) != 0.2             # adapted (step 0.01·... per D step)

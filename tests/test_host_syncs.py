@@ -33,12 +33,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_dataset, make_domain, tiny_flags
+from conftest import make_dataset, make_domain, tiny_flags, train_stream
 from torch.overrides import TorchFunctionMode
 
 import augment
 import main
-import utils
+import training_loop
 from ugatit import UGATIT
 
 PROJECT = Path(augment.__file__).resolve().parent
@@ -400,10 +400,10 @@ def test_training_step_makes_no_host_sync(name, tmp_path, request, syncs):
         dataset = make_dataset(tmp_path / 'tiny', (4, 4, 2, 2))   # paired by file name as well
     trainer = UGATIT(main.parse_args(tiny_flags(dataset, tmp_path / 'out', '--iteration', '10',
                                                 '--batch_size', '2', '--ema', 'False', *flags)))
-    cycle = trainer.cfg.n_critic
-    stream = trainer._train_stream(1)
+    cycle = trainer.schedule.n_critic
+    stream = train_stream(trainer)
     batches = [next(stream) for _ in range(2 * cycle)]
-    meter = utils.LossMeter()
+    meter = training_loop.LossMeter()
     for step in range(1, cycle + 1):   # warm-up: one-time constant uploads are allowed
         meter.add(trainer.train_step(batches[step - 1], step))
     with syncs.counting():

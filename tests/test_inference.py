@@ -106,7 +106,7 @@ def test_matching_flags_are_accepted_and_pt_checkpoints_take_the_flags(trained, 
     assert main.main([*common, '--checkpoint', str(checkpoint), '--ch', '6', '--light', 'True',
                       '--out_dir', str(tmp_path / 'a')]) == 0
     # A PT-format file (six keys, no config) is built from the flags.
-    state = utils.load_checkpoint(checkpoint)
+    state = checkpoints.load_checkpoint(checkpoint)
     pt = {key: state[key] for key in checkpoints.PT_KEYS}
     torch.save(pt, tmp_path / 'pt.pt')
     flags = tiny_flags(dataset, tmp_path / 'r', '--ch', '6', '--use_se', 'True')

@@ -1,5 +1,6 @@
 """The project's modules import each other without cycles, counting imports inside functions too
-(so no function-level import can be hiding one), and lower layers never receive the trainer."""
+(so no function-level import can be hiding one); lower layers never receive the trainer; each concern
+has one home (errors, the run loop apart from the step, a typed config instead of raw flags)."""
 from __future__ import annotations
 
 import ast
@@ -83,14 +84,64 @@ def test_cycle_finder_finds_a_planted_cycle():
 
 
 def test_lower_layers_never_take_the_trainer():
-    """No function outside the trainer has a parameter named ``trainer`` (they take RunFiles,
-    modules, state dicts and values)."""
+    """No function outside the trainer and its run loop has a parameter named ``trainer`` (they take
+    RunFiles, modules, state dicts and values)."""
     offenders = []
     for name, path in project_modules().items():
-        if name in ('ugatit',) or name.startswith('scripts.'):
+        if name in ('ugatit', 'training_loop') or name.startswith('scripts.'):
             continue
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 if any(arg.arg == 'trainer' for arg in node.args.args + node.args.kwonlyargs):
                     offenders.append(f'{name}.{node.name}')
     assert not offenders, offenders
+
+
+def _tree(name: str) -> ast.Module:
+    return ast.parse(project_modules()[name].read_text())
+
+
+def test_every_exception_class_lives_in_errors():
+    """One home for the errors users see: no other module defines an exception class (a private
+    control-flow exception, named with a leading underscore, and the scripts' own are fine)."""
+    offenders = []
+    for name, path in project_modules().items():
+        if name == 'errors' or name.startswith('scripts.'):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef) and not node.name.startswith('_') and any(
+                    (isinstance(base, ast.Name) and base.id.endswith(('Error', 'Exception', 'Stopped', 'Diverged',
+                                                                       'Full', 'Unreadable', 'Checkpoint')))
+                    or (isinstance(base, ast.Attribute) and base.attr.endswith(('Error', 'Exception')))
+                    for base in node.bases):
+                offenders.append(f'{name}.{node.name}')
+    assert not offenders, offenders
+
+
+def test_the_loop_knows_no_trainer_class_and_the_trainer_no_loop():
+    """training_loop runs any object with the Trainer protocol; ugatit holds no run lifecycle."""
+    graph = import_graph()
+    assert 'ugatit' not in graph['training_loop']
+    assert not {'training_loop', 'run_folder', 'signals', 'monitor'} & graph['ugatit']
+    lifecycle = {'lock', 'resume', 'GracefulStop', 'prune', 'atomic_save', 'TrainingDiverged', 'remove_leftovers'}
+    names = {n.id if isinstance(n, ast.Name) else n.attr for n in ast.walk(_tree('ugatit'))
+             if isinstance(n, (ast.Name, ast.Attribute))}
+    assert not lifecycle & names, lifecycle & names
+
+
+def test_no_function_of_the_trainer_or_the_loop_takes_the_raw_flags():
+    """They read the typed config (config.Config), never an argparse Namespace."""
+    offenders = []
+    for module in ('ugatit', 'training_loop'):
+        source = project_modules()[module].read_text()
+        assert 'argparse' not in source and 'Namespace' not in source, module
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                raw = [a.arg for a in node.args.args if a.arg in ('cfg', 'flags', 'args')]
+                offenders += [f'{module}.{node.name}({arg})' for arg in raw]
+    assert not offenders, offenders
+
+
+def test_the_trainer_class_stays_small():
+    cls = next(n for n in _tree('ugatit').body if isinstance(n, ast.ClassDef) and n.name == 'UGATIT')
+    assert cls.end_lineno - cls.lineno < 400

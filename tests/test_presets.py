@@ -24,11 +24,12 @@ def test_preset_command_line_parses_back_to_its_values(name):
 
 def test_preset_fills_flags_and_explicit_flags_override(tiny_dataset):
     cfg = main.parse_args(['--preset', 'demo', '--dataset', str(tiny_dataset), '--ch', '8', '--device', 'cpu'])
-    assert cfg.preset == 'demo'
-    assert (cfg.light, cfg.img_size, cfg.n_global_dis, cfg.n_local_dis, cfg.iteration) == \
-        (True, 64, 5, 4, 1000)                               # from the preset
-    assert cfg.ch == 8 and cfg.dataset == str(tiny_dataset)  # given on the command line
-    plain = main.parse_args(['--dataset', str(tiny_dataset), '--device', 'cpu'])
+    assert cfg.values['preset'] == 'demo'
+    arch = cfg.arch
+    assert (arch.light, arch.img_size, arch.n_global_dis, arch.n_local_dis, cfg.iterations) == \
+        (True, 64, 5, 4, 1000)                                   # from the preset
+    assert arch.ch == 8 and cfg.run.dataset == str(tiny_dataset)  # given on the command line
+    plain = main.parse_args(['--dataset', str(tiny_dataset), '--device', 'cpu']).arch
     assert (plain.light, plain.img_size, plain.ch) == (False, 256, 64)
 
 

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from conftest import make_domain, tiny_flags
 
+import checkpoints
 import main
-import utils
 from ugatit import UGATIT
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,7 +57,7 @@ def test_error_after_step_one_writes_a_checkpoint_and_resumes(tiny_dataset, tmp_
     with pytest.raises(OSError, match='disk full'):
         main.main(tiny_flags(tiny_dataset, tmp_path, '--iteration', '5', '--print_freq', '3'))
     saved = tmp_path / 'tiny' / 'model' / 'tiny_params_0000003.pt'
-    assert saved.exists() and utils.load_checkpoint(saved)['step'] == 3
+    assert saved.exists() and checkpoints.load_checkpoint(saved)['step'] == 3
     assert f'saved {saved}' in capsys.readouterr().err
     monkeypatch.undo()
     assert main.main(tiny_flags(tiny_dataset, tmp_path, '--iteration', '5', '--print_freq', '3',

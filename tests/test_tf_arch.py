@@ -14,7 +14,9 @@ from conftest import random_batches, tiny_flags, tiny_trainer
 import checkpoints
 import main
 import networks as N
+import run_folder
 import tf_checkpoint as T
+import training_loop
 import utils
 from model import ArchConfig, build_critic, build_generator
 from scripts import convert_tf_checkpoint as C
@@ -269,11 +271,12 @@ def test_converted_checkpoint_fine_tunes_with_resume(tiny_dataset, tmp_path):
     cfg = main.parse_args(tiny_flags(tiny_dataset, tmp_path / 'out', '--arch', 'tf', '--tf_graph', '2019',
                                      '--light', 'False', '--ch', '2', '--n_res', '4', '--n_global_dis', '5',
                                      '--n_local_dis', '3', '--iteration', '3', '--resume', 'True'))
-    target = checkpoints.RunFiles(cfg.result_dir, cfg.dataset_name).checkpoint_path(0)
+    target = run_folder.RunFiles(cfg.run.result_dir, cfg.run.dataset_name).checkpoint_path(0)
     assert C.main([str(tmp_path / 'tf'), str(target)]) == 0
     trainer = UGATIT(cfg)
-    assert trainer._start_step() == 1 and trainer.step == 0   # resumed from the converted step-0 file
-    converted = utils.load_checkpoint(target)
+    # resumed from the converted step-0 file
+    assert training_loop.TrainingRun(trainer, cfg)._start_step() == 1 and trainer.step == 0
+    converted = checkpoints.load_checkpoint(target)
     for key in ('genA2B', 'disGB', 'disLA'):
         for name, value in trainer.pt_module(key).state_dict().items():
             torch.testing.assert_close(value, converted[key][name], rtol=0, atol=0)
@@ -334,7 +337,7 @@ def test_cli_writes_a_loadable_checkpoint_and_fails_in_one_line(tmp_path, capsys
     out = tmp_path / 'model.pt'
     assert C.main([str(DATA / 'tf_2019_full64' / 'ckpt' / 'UGATIT.model-1000'), str(out), '--smoothing', 'True']) == 0
     assert 'full model, ch 4, 64 px, TF graph 2019' in capsys.readouterr().out
-    state = utils.load_checkpoint(out)   # weights_only
+    state = checkpoints.load_checkpoint(out)   # weights_only
     assert state['format'] == 'ugatit-pytorch/1' and state['step'] == 0
     assert {'genA2B', 'genB2A', 'disGA', 'disGB', 'disLA', 'disLB'} <= set(state)
     assert [p.name for p in tmp_path.iterdir()] == ['model.pt']   # atomic: no temporary left behind
@@ -403,4 +406,4 @@ def test_cli_rejects_tf_only_flags_under_pt_and_other_n_res(tiny_dataset, tmp_pa
     assert main.main(tiny_flags(tiny_dataset, tmp_path, '--arch', 'tf')) == 2   # tiny flags have --n_res 1
     assert '--arch tf needs --n_res 4' in capsys.readouterr().err
     cfg = main.parse_args(tiny_flags(tiny_dataset, tmp_path, '--arch', 'tf', '--n_res', '4'))
-    assert (cfg.tf_graph, cfg.smoothing) == ('current', True)
+    assert (cfg.arch.tf_graph, cfg.arch.smoothing) == ('current', True)

@@ -6,9 +6,11 @@ import shutil
 
 import pytest
 import torch
-from conftest import make_dataset, random_batches, tiny_flags, tiny_trainer
+from conftest import make_dataset, random_batches, tiny_flags, tiny_trainer, train_stream
 
+import checkpoints
 import main
+import training_loop
 import utils
 
 
@@ -50,7 +52,7 @@ def test_critic_only_step_trains_d_on_the_same_fakes(tiny_dataset, tmp_path):
 
 
 def test_loss_meter_averages_each_key_over_the_steps_that_logged_it():
-    meter = utils.LossMeter()
+    meter = training_loop.LossMeter()
     meter.add({'D/total': torch.tensor(1.0), 'G/total': torch.tensor(4.0)})
     meter.add({'D/total': torch.tensor(3.0)})
     assert meter.flush() == {'D/total': 2.0, 'G/total': 4.0}
@@ -59,16 +61,16 @@ def test_loss_meter_averages_each_key_over_the_steps_that_logged_it():
 def test_epoch_schedule_is_tfs(tiny_dataset, tmp_path):
     trainer = tiny_trainer(tiny_dataset, tmp_path, '--lr', '0.3', '--epoch', '5', '--decay_epoch', '2',
                            '--iteration', '3')
-    cfg = trainer.cfg
-    assert (cfg.iteration, cfg.steps_per_epoch) == (15, 3)
+    schedule = trainer.schedule
+    assert (schedule.iterations, schedule.steps_per_epoch) == (15, 3)
     # epoch e = (step − 1) // 3; lr·(5 − e)/(5 − 2) from epoch 2, constant within an epoch
     want = [0.3] * 6 + [0.3] * 3 + [0.2] * 3 + [0.1] * 3
     assert [round(trainer.lr_at(s), 9) for s in range(1, 16)] == want
     default = tiny_trainer(tiny_dataset, tmp_path, '--epoch', '4', '--iteration', '2')
-    assert default.cfg.decay_epoch == 2   # TF: 100 epochs, decay from 50
+    assert default.schedule.decay_epoch == 2   # TF: 100 epochs, decay from 50
     assert (default.lr_at(6), default.lr_at(7)) == pytest.approx((1e-4, 1e-4 * (4 - 3) / (4 - 2)))
     tf_default = main.parse_args(tiny_flags(tiny_dataset, tmp_path / 'out', '--epoch', '3'))
-    assert (tf_default.steps_per_epoch, tf_default.iteration) == (10000, 30000)   # TF's --iteration 10000
+    assert (tf_default.schedule.steps_per_epoch, tf_default.iterations) == (10000, 30000)   # TF's --iteration 10000
     flat = tiny_trainer(tiny_dataset, tmp_path, '--epoch', '4', '--iteration', '2', '--decay_flag', 'False')
     assert {flat.lr_at(s) for s in range(1, 9)} == {1e-4}
 
@@ -76,7 +78,7 @@ def test_epoch_schedule_is_tfs(tiny_dataset, tmp_path):
 def test_epoch_run_trains_epoch_times_iteration_steps(tiny_dataset, tmp_path):
     out = tmp_path / 'r'
     assert main.main(tiny_flags(tiny_dataset, out, '--epoch', '2', '--iteration', '2', '--save_freq', '100')) == 0
-    state = utils.load_checkpoint(out / 'tiny' / 'model' / 'tiny_params_0000004.pt')
+    state = checkpoints.load_checkpoint(out / 'tiny' / 'model' / 'tiny_params_0000004.pt')
     assert state['step'] == 4 and state['lr'] == pytest.approx(1e-4 * 1 / 1)   # epoch 1 of 2, decay from 1
 
 
@@ -121,7 +123,7 @@ def paired_dataset(tmp_path):
 
 def test_pair_loss_matches_hand_computation(paired_dataset, tmp_path):
     trainer = tiny_trainer(paired_dataset, tmp_path, '--paired', 'True', '--pair_weight', '2.5')
-    batch = next(trainer._train_stream(1))
+    batch = next(train_stream(trainer))
     with torch.no_grad():
         a2b = trainer.G['A2B'](batch['A']).image
         b2a = trainer.G['B2A'](batch['B']).image

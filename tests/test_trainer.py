@@ -8,8 +8,8 @@ import pytest
 import torch
 from conftest import random_batches, signal_after_step, tiny_flags, tiny_trainer
 
+import checkpoints
 import main
-import utils
 from checkpoints import PT_KEYS
 from scripts.reference_step import reference_train_step
 from ugatit import UGATIT
@@ -89,7 +89,7 @@ def _run(tiny_dataset, out, *extra) -> int:
 
 
 def _final_weights(out: Path, step: int) -> dict:
-    return utils.load_checkpoint(out / 'tiny' / 'model' / f'tiny_params_{step:07d}.pt')
+    return checkpoints.load_checkpoint(out / 'tiny' / 'model' / f'tiny_params_{step:07d}.pt')
 
 
 def _assert_same_state(a: dict, b: dict) -> None:
@@ -177,18 +177,18 @@ def test_corrupt_newest_checkpoint_is_skipped(tiny_dataset, tmp_path, capsys):
     (out / 'tiny' / 'model' / 'tiny_params_0000004.pt').write_bytes(b'torn file')
     assert _run(tiny_dataset, out, '--iteration', '4', '--save_freq', '2', '--resume', 'True') == 0
     assert 'skipping unreadable checkpoint' in capsys.readouterr().err
-    assert utils.load_checkpoint(out / 'tiny' / 'model' / 'tiny_params_0000004.pt')['step'] == 4
+    assert checkpoints.load_checkpoint(out / 'tiny' / 'model' / 'tiny_params_0000004.pt')['step'] == 4
 
 
 def test_pt_format_checkpoint_resumes_and_tests(tiny_dataset, tmp_path, capsys):
     out = tmp_path / 'r'
     assert _run(tiny_dataset, out, '--iteration', '2', '--save_freq', '2') == 0
     path = out / 'tiny' / 'model' / 'tiny_params_0000002.pt'
-    full = utils.load_checkpoint(path)
+    full = checkpoints.load_checkpoint(path)
     torch.save({k: full[k] for k in PT_KEYS}, path)   # what PT writes: six state dicts, nothing else
     assert _run(tiny_dataset, out, '--iteration', '3', '--save_freq', '3', '--resume', 'True') == 0
     assert 'optimizer moments start fresh' in capsys.readouterr().err
-    resumed = utils.load_checkpoint(out / 'tiny' / 'model' / 'tiny_params_0000003.pt')
+    resumed = checkpoints.load_checkpoint(out / 'tiny' / 'model' / 'tiny_params_0000003.pt')
     assert resumed['step'] == 3
     assert _run(tiny_dataset, out, '--phase', 'test', '--checkpoint', str(path)) == 0
     assert len(list((out / 'tiny' / 'test' / 'A2B').glob('*.png'))) == 3

@@ -14,9 +14,9 @@ import pytest
 import torch
 from conftest import assert_same_weights, make_dataset, tiny_flags
 
+import checkpoints
 import dataset as ds
 import main
-import utils
 from ugatit import UGATIT
 
 REPO = Path(__file__).resolve().parents[1]
@@ -79,7 +79,7 @@ def _damage_at(monkeypatch: pytest.MonkeyPatch, step: int, damage: Callable[[], 
 
 
 def _weights(out: Path, step: int) -> dict:
-    return utils.load_checkpoint(out / 'tiny' / 'model' / f'tiny_params_{step:07d}.pt')
+    return checkpoints.load_checkpoint(out / 'tiny' / 'model' / f'tiny_params_{step:07d}.pt')
 
 
 def _warnings_naming(err: str, path: Path) -> int:
@@ -121,7 +121,7 @@ def test_too_many_unreadable_images_stop_with_one_line_and_a_checkpoint(tmp_path
     assert len(errors) == 1 and 'trainA' in errors[0] and '2 of 10' in errors[0], err[-2000:]
     assert 'Traceback' not in err
     saved = sorted((tmp_path / 'out' / 'tiny' / 'model').glob('tiny_params_*.pt'))
-    assert saved and utils.load_checkpoint(saved[-1])['step'] >= 3
+    assert saved and checkpoints.load_checkpoint(saved[-1])['step'] >= 3
 
 
 # SIGINT (Ctrl-C) already worked: forked workers inherit the main process's Python handler.

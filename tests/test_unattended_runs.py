@@ -14,7 +14,10 @@ from pathlib import Path
 import torch
 from conftest import signal_after_step, tiny_flags
 
+import checkpoints
 import main
+import run_folder
+import signals
 import utils
 from ugatit import UGATIT
 
@@ -90,7 +93,7 @@ def test_full_disk_is_one_line_and_keeps_the_last_complete_checkpoint(tiny_datas
 
 def test_start_refuses_when_no_checkpoint_fits_and_warns_when_two_do_not(tiny_dataset, tmp_path, monkeypatch, capsys):
     needed = {}
-    real_nbytes = utils.state_nbytes
+    real_nbytes = checkpoints.state_nbytes
 
     def nbytes(obj):
         needed['n'] = real_nbytes(obj)
@@ -173,9 +176,9 @@ def test_two_runs_started_together_never_share_a_folder(tiny_dataset, tmp_path):
 def test_sigusr1_saves_and_exits_with_the_requeue_status(tiny_dataset, tmp_path, monkeypatch, capsys):
     signal_after_step(monkeypatch, 2, signal.SIGUSR1)
     out = tmp_path / 'out'
-    assert _run(tiny_dataset, out, '--iteration', '6', '--save_freq', '6') == utils.REQUEUE_EXIT_CODE
+    assert _run(tiny_dataset, out, '--iteration', '6', '--save_freq', '6') == signals.REQUEUE_EXIT_CODE
     assert 'stopped by signal at step 2; SIGUSR1' in capsys.readouterr().err
-    assert utils.load_checkpoint(_model_dir(out) / 'tiny_params_0000002.pt')['step'] == 2
+    assert checkpoints.load_checkpoint(_model_dir(out) / 'tiny_params_0000002.pt')['step'] == 2
     monkeypatch.undo()
     assert _run(tiny_dataset, out, '--iteration', '3', '--save_freq', '3', '--resume', 'True') == 0
 
@@ -205,13 +208,13 @@ def test_image_deleted_mid_run_then_resume_draws_as_the_unbroken_run(tmp_path, m
     assert _run(unbroken_data, tmp_path / 'u', *flags, '--save_freq', '16') == 0
     monkeypatch.undo()
     signal_after_step(monkeypatch, 8, signal.SIGUSR1)   # the unbroken run's schedule, stopped at step 8
-    assert _run(broken_data, tmp_path / 'b', *flags, '--save_freq', '16') == utils.REQUEUE_EXIT_CODE
+    assert _run(broken_data, tmp_path / 'b', *flags, '--save_freq', '16') == signals.REQUEUE_EXIT_CODE
     monkeypatch.undo()
     (broken_data / 'trainA' / victim).unlink()
     assert _run(broken_data, tmp_path / 'b', *flags, '--save_freq', '16', '--resume', 'True') == 0
     assert capsys.readouterr().err.count(f'skipping unreadable image {broken_data / "trainA" / victim}') == 1
-    assert_same_weights(utils.load_checkpoint(_model_dir(tmp_path / 'u') / 'tiny_params_0000016.pt'),
-                        utils.load_checkpoint(_model_dir(tmp_path / 'b') / 'tiny_params_0000016.pt'))
+    assert_same_weights(checkpoints.load_checkpoint(_model_dir(tmp_path / 'u') / 'tiny_params_0000016.pt'),
+                        checkpoints.load_checkpoint(_model_dir(tmp_path / 'b') / 'tiny_params_0000016.pt'))
 
 
 def test_images_added_before_resume_are_used_with_a_note(tiny_dataset, tmp_path, capsys):
@@ -219,18 +222,17 @@ def test_images_added_before_resume_are_used_with_a_note(tiny_dataset, tmp_path,
     (tiny_dataset / 'trainA' / 'new.png').write_bytes((tiny_dataset / 'trainA' / 'img0.png').read_bytes())
     assert _run(tiny_dataset, tmp_path / 'o', '--iteration', '3', '--save_freq', '3', '--resume', 'True') == 0
     assert 'note: 1 image(s) added to' in capsys.readouterr().err
-    state = utils.load_checkpoint(_model_dir(tmp_path / 'o') / 'tiny_params_0000003.pt')
+    state = checkpoints.load_checkpoint(_model_dir(tmp_path / 'o') / 'tiny_params_0000003.pt')
     assert 'new.png' in state['data_files']['files']['A']
 
 
 def test_phases_writing_into_the_run_folder_wait_for_its_training(tiny_dataset, tmp_path, capsys):
     """The lock is the run folder's: a test phase writing into it refuses while the training holds it;
     with --out_dir elsewhere it only reads and runs."""
-    import checkpoints
     out = tmp_path / 'out'
     assert _run(tiny_dataset, out, '--iteration', '2', '--save_freq', '2') == 0
     capsys.readouterr()
-    lock = checkpoints.RunLock(out / 'tiny' / '.lock').acquire()   # what the training process holds
+    lock = run_folder.RunLock(out / 'tiny' / '.lock').acquire()   # what the training process holds
     try:
         assert _run(tiny_dataset, out, '--phase', 'test') == 2
         assert f'in use by another process (PID {os.getpid()})' in capsys.readouterr().err
