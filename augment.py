@@ -460,6 +460,11 @@ class AdaController:
         self._rt = torch.where(seen, rt, self._rt.to(p.device))
         self._acc.zero_()
 
+    def running_tensors(self) -> list[Tensor]:
+        """What :meth:`observe` changes in place during a D step (a trainer undoing a failed step
+        restores them)."""
+        return [self._acc]
+
     def state_dict(self) -> dict[str, Tensor | int]:
         """p, accumulators, last r_t and step counter; plain tensors/ints (weights_only-safe)."""
         return {

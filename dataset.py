@@ -557,12 +557,12 @@ class TrainStream:
     """The infinite training batch stream: the k-th next() is the batch of step start_step + k.
 
     Batches are dicts: 'A', 'B' (N×3×s×s in [-1, 1]), 'blur_A', 'blur_B' with blur images,
-    'group_A', 'group_B' (int64 N) with groups. `step` is the step of the next batch. Files the
-    batch had to skip go to `ledger` (warned once each; TooManyUnreadable past the share).
+    'group_A', 'group_B' (int64 N) with groups. Files the batch had to skip go to `ledger` (warned
+    once each; TooManyUnreadable past the share).
     """
 
-    def __init__(self, loader: DataLoader, start_step: int, num_images: dict[str, int], ledger: UnreadableLedger):
-        self.loader, self.step, self.num_images, self.ledger = loader, start_step, num_images, ledger
+    def __init__(self, loader: DataLoader, ledger: UnreadableLedger):
+        self.loader, self.ledger = loader, ledger
         self.files: dict[str, list[str]] = {}   # per domain, relative to train<domain>/: what a resume reuses
         self._iterator: Iterator | None = None
 
@@ -574,8 +574,33 @@ class TrainStream:
             self._iterator = iter(self.loader)
         batch = next(self._iterator)
         self.ledger.note(batch.pop('skipped'), batch.pop('failed', None))
-        self.step += 1
         return batch
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Stop the workers now. They ignore SIGTERM (``signals.ignore_stop_signals``), so PyTorch's
+        shutdown, which terminates a worker that does not exit in time, and multiprocessing's exit
+        handler, which then joins it, would wait forever on one stuck behind a dead sibling (a worker
+        killed while holding the shared queue's lock): whatever is still alive is killed."""
+        iterator, self._iterator = self._iterator, None
+        if iterator is None:
+            return
+        workers = list(getattr(iterator, '_workers', []))
+        try:
+            iterator._shutdown_workers()   # drains the queues and joins each worker for a few seconds
+        except Exception:  # noqa: BLE001 - after a worker died, shutting down may fail too: the kill below is what counts
+            pass
+        for worker in workers:
+            if worker.is_alive():
+                worker.kill()
+                worker.join(timeout_s)
+
+
+def is_worker_death(exc: BaseException) -> bool:
+    """Whether ``exc`` is PyTorch's report of a DataLoader worker killed or crashed (by the kernel's OOM
+    killer, say): raised by the next batch, or from its SIGCHLD handler anywhere in the main thread."""
+    message = str(exc)
+    return isinstance(exc, RuntimeError) and 'DataLoader worker' in message and (
+        'exited unexpectedly' in message or 'killed by signal' in message)
 
 
 def _members(labels: list[int] | None, count: int) -> dict[int | None, list[int]]:
@@ -651,7 +676,7 @@ def build_train_stream(root: Path, img_size: int, batch_size: int, seed: int, *,
                         collate_fn=_collate, persistent_workers=num_workers > 0,
                         prefetch_factor=prefetch_factor if num_workers > 0 else None,
                         worker_init_fn=functools.partial(ignore_stop_signals, then=worker_init_fn))
-    stream = TrainStream(loader, start_step, {name: len(found) for name, found in paths.items()}, ledger)
+    stream = TrainStream(loader, ledger)
     stream.files = listed
     return stream
 

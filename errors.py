@@ -53,6 +53,13 @@ class TrainingDiverged(UserError):
     """A loss became NaN or infinite."""
 
 
+class WorkerDied(UserError):
+    """A data-loading worker died where the step could not be undone; exit status 75 (EX_TEMPFAIL:
+    try again, with --resume True)."""
+
+    exit_code = 75
+
+
 class Stopped(Exception):
     """The run stopped on a signal after saving a checkpoint; ``exit_code`` tells a job script why."""
 

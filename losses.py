@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -307,10 +307,18 @@ class DirectionContext:
     critic: Sequence[DiscriminatorOutput]  # target-domain critic outputs on the fake
     source_masks: object | None = None     # faceseg.SegMasks of the source images, when segmenting
     source_group: torch.Tensor | None = None
-    extras: dict = field(default_factory=dict)
 
 
-class FaceDistanceTerm:
+class GeneratorTerm:
+    """An optional generator loss term: its ``name`` (logged as ``G/<name>_<direction>``), its
+    ``weight``, the ``directions`` it applies to, and a call on a :class:`DirectionContext`."""
+
+    name: str
+    weight: float
+    directions: tuple[str, ...] = ('A2B', 'B2A')
+
+
+class FaceDistanceTerm(GeneratorTerm):
     """FN's face distance: ‖f(source) − f(G(source))‖² under a frozen FaceNet, both directions."""
 
     def __init__(self, identity: torch.nn.Module, weight: float) -> None:
@@ -322,7 +330,7 @@ class FaceDistanceTerm:
         return self.identity(ctx.source.float(), ctx.fake.image.float()).mean()
 
 
-class BackgroundL1Term:
+class BackgroundL1Term(GeneratorTerm):
     """EN's --seg_fix_weight: keep the background (outside the eroded face mask) unchanged."""
 
     def __init__(self, weight: float) -> None:
@@ -334,7 +342,7 @@ class BackgroundL1Term:
         return l1(ctx.fake.image * background, ctx.source * background)
 
 
-class TotalVariationTerm:
+class TotalVariationTerm(GeneratorTerm):
     """Smoothness of the translation (inside the face mask when segmentation is on)."""
 
     def __init__(self, weight: float) -> None:
@@ -346,7 +354,7 @@ class TotalVariationTerm:
         return total_variation(ctx.fake.image, mask)
 
 
-class PairTerm:
+class PairTerm(GeneratorTerm):
     """FN's pair loss for paired data (--paired): the translation must equal the paired target image,
     L1(G_AB(a), b) for A2B and L1(G_BA(b), a) for B2A."""
 
@@ -358,17 +366,16 @@ class PairTerm:
         return l1(ctx.fake.image, ctx.target)
 
 
-class GroupTerm:
-    """F2W's group loss, generator side: the target critic must classify G(a) as a's group."""
+class GroupTerm(GeneratorTerm):
+    """F2W's group loss, generator side: the target critic must classify G(a) as a's group (one
+    direction only: the other has no term, rather than a zero logged every step)."""
 
     def __init__(self, weight: float, direction: str = 'A2B') -> None:
         self.weight = weight
-        self.direction = direction
+        self.directions = (direction,)
         self.name = 'group'
 
     def __call__(self, ctx: DirectionContext) -> torch.Tensor:
-        if ctx.direction != self.direction:
-            return ctx.fake.image.new_zeros((), dtype=torch.float32)
         return group_classification_loss(ctx.critic, ctx.source_group)
 
 

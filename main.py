@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
         run(parse_args(argv))
     except UserError as exc:
         print(f'error: {exc}', file=sys.stderr)
-        return 2
+        return getattr(exc, 'exit_code', 2)
     except Stopped as stop:   # a signal: checkpoint saved, the status says why (see signals.py)
         print(stop, file=sys.stderr)
         return stop.exit_code

@@ -30,7 +30,7 @@ import distributed
 import run_folder
 import signals
 from config import Config
-from errors import DiskFull, Stopped, TrainingDiverged
+from errors import DiskFull, Stopped, TrainingDiverged, WorkerDied
 from model import DIRECTIONS, Direction, Translator
 from run_folder import RunFiles
 from utils import human_size
@@ -50,6 +50,8 @@ class Trainer(Protocol):
     skips_nonfinite_steps: bool   # fp16: the GradScaler skips steps whose losses are not finite
 
     def train_step(self, batch: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]: ...
+    def restore_last_completed_step(self) -> bool: ...
+    def checkpoint_nbytes(self) -> int: ...
     def state_dict(self) -> dict: ...
     def load_state_dict(self, state: dict) -> list[str]: ...
     def translator(self, use_ema: bool = True) -> Translator: ...
@@ -92,11 +94,11 @@ class TrainingRun:
         if self.dist.is_main:
             self.files.run_dir.mkdir(parents=True, exist_ok=True)
             self.files.config_path.write_text(json.dumps(self.recorded_config(), indent=2))
-        stream = self._train_stream(start)
+        self.stream = self._train_stream(start)
         stop = signals.GracefulStop()
         try:
-            self._loop(start, stream, monitor, evaluation, stop)
-        except (TrainingDiverged, KeyboardInterrupt, Stopped, DiskFull):
+            self._loop(start, monitor, evaluation, stop)
+        except (TrainingDiverged, KeyboardInterrupt, Stopped, DiskFull, WorkerDied):
             raise
         except Exception:
             if self.trainer.step >= start:
@@ -104,19 +106,20 @@ class TrainingRun:
             raise
         finally:
             stop.restore()
+            self.stream.close()
             if monitor is not None:
                 monitor.close()
         if self.last_saved is not None:
             self.log(f'final checkpoint: {self.last_saved}')
 
-    def _loop(self, start: int, stream, monitor, evaluation, stop: signals.GracefulStop) -> None:
+    def _loop(self, start: int, monitor, evaluation, stop: signals.GracefulStop) -> None:
         run = self.config.run
         iterations = self.config.iterations
         bar = tqdm(range(start, iterations + 1), initial=start - 1, total=iterations,
                    disable=not self.dist.is_main, dynamic_ncols=True, desc='train')
         meter = LossMeter(skip_nonfinite=self.trainer.skips_nonfinite_steps)
         for step in bar:
-            meter.add(self.trainer.train_step(next(stream), step))
+            meter.add(self._train_step(step))
             log_step = step % run.log_freq == 0 or step == iterations
             signum = self._agreed_stop(stop, log_step)
             if log_step or signum:
@@ -127,7 +130,8 @@ class TrainingRun:
                 self._evaluate(evaluation, monitor, step)
             self._periodic_saves(step, meter, monitor, bar)
             if signum:
-                self.save(self.files.checkpoint_path(step))
+                if self.last_saved != self.files.checkpoint_path(step):   # not already saved as a periodic one
+                    self.save(self.files.checkpoint_path(step))
                 raise Stopped(f'stopped by signal at step {step}; {signal.Signals(signum).name}: saved '
                               f'{self.last_saved}, resume with --resume True', signals.stop_exit_code(signum))
 
@@ -155,7 +159,7 @@ class TrainingRun:
         """Refuse to start when not even one checkpoint fits on the disk; warn when two do not."""
         if not self.dist.is_main:
             return
-        needed = checkpoints.state_nbytes(self.state_dict())
+        needed = self.trainer.checkpoint_nbytes()
         free = checkpoints.free_bytes(self.files.model_dir)
         where = f'{self.files.model_dir}: {human_size(free)} free, a checkpoint needs {human_size(needed)}'
         if free < needed:
@@ -197,6 +201,30 @@ class TrainingRun:
         return stream
 
     # -- during the run ------------------------------------------------------------------------------
+
+    def _train_step(self, step: int) -> dict[str, torch.Tensor]:
+        """The step on the stream's next batch. A data worker that dies (the kernel's OOM killer picks
+        them) is replaced at once: the undone step runs again on a fresh loader started at this step,
+        whose batches are those of the old one (a function of seed and step). Past the step's
+        optimizer updates it cannot be undone: the run ends in one line (:class:`WorkerDied`)."""
+        for attempt in (1, 2):
+            try:
+                return self.trainer.train_step(next(self.stream), step)
+            except RuntimeError as exc:
+                if not data.is_worker_death(exc):
+                    raise
+                first_line = str(exc).strip().splitlines()[0]
+                if not self.trainer.restore_last_completed_step():
+                    raise WorkerDied(f'{first_line} inside step {step}, after its optimizer updates: the last good '
+                                     f'checkpoint is kept; resume with --resume True') from None
+                if attempt == 2:
+                    self._save_after_error()
+                    raise WorkerDied(f'{first_line} again at step {step}, on a fresh data loader; resume with '
+                                     f'--resume True') from None
+                self.log(f'warning: {first_line}; a fresh data loader continues at step {step} (same batches)')
+                self.stream.close()
+                self.stream = self._train_stream(step)
+        raise AssertionError('unreachable')
 
     def _agreed_stop(self, stop: signals.GracefulStop, log_step: bool) -> int:
         """The stop signal (0: go on). One process stops on the step after the signal. Under torchrun
@@ -258,13 +286,27 @@ class TrainingRun:
                 self.log(f'deleted {path.name} (--keep_checkpoints {run.keep_checkpoints})')
 
     def _save_after_error(self) -> None:
+        """A checkpoint named step N holds exactly step N: the trainer undoes what the failed step
+        changed, or, when an optimizer had already updated weights, the last good checkpoint stays
+        the newest and nothing is written."""
+        failed, done = self.trainer.step + 1, self.trainer.step
+        if not self.trainer.restore_last_completed_step():
+            self.log(f'error inside step {failed} after its optimizer updates; the state of step {done} cannot be '
+                     f'restored exactly, so the last good checkpoint ({self.last_saved or "none of this process"}) '
+                     f'stays the newest: fix the cause and resume with --resume True')
+            return
+        target = self.files.checkpoint_path(done)
+        if self.last_saved == target:
+            self.log(f'error inside step {failed}; step {done} is saved in {target}: fix the cause and resume with '
+                     f'--resume True')
+            return
         try:
-            self.save(self.files.checkpoint_path(self.trainer.step))
+            self.save(target)
         except DiskFull as full:
             self.log(f'could not save after the error: {full}')
             return
-        self.log(f'error at step {self.trainer.step + 1}; saved {self.last_saved}: fix the cause and resume with '
-                 f'--resume True')
+        self.log(f'error inside step {failed}; saved step {done} to {self.last_saved}: fix the cause and resume '
+                 f'with --resume True')
 
     # -- the checkpoint: the trainer's state plus the run's own ----------------------------------------
 

@@ -32,7 +32,7 @@ import augment
 import dataset as data
 import losses as L
 import utils
-from checkpoints import PT_KEYS, TRAINING_FORMAT, load_module
+from checkpoints import PT_KEYS, TRAINING_FORMAT, load_module, state_nbytes
 from config import Config
 from distributed import DistributedContext, untrainable_parameters, wrap_for_speed
 from errors import UserError
@@ -73,6 +73,7 @@ class UGATIT:
         self.schedule = config.schedule
         self.weights = config.losses
         self.step = 0
+        self._undo = StepUndo()
         if self.device.type == 'cuda':
             torch.backends.cudnn.benchmark = perf.benchmark_flag
             torch.backends.cuda.matmul.allow_tf32 = True
@@ -221,7 +222,9 @@ class UGATIT:
         return [list(outs) for outs in zip(*by_scale)]
 
     def train_step(self, batch: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
-        """One full iteration; returns detached loss tensors (no host sync)."""
+        """One full iteration; returns detached loss tensors (no host sync). Until its first
+        optimizer update the step can be undone (:meth:`restore_last_completed_step`)."""
+        self._undo.begin(self._volatile_tensors())
         batch = self._prepare(batch)
         self._set_lr(self.lr_at(step))
         for name, rng in self.step_rngs.items():
@@ -284,6 +287,7 @@ class UGATIT:
         total = total + self._regularisation('D', logs)
         logs['D/total'] = total.detach()
         self.scaler.scale(total).backward()
+        self._undo.commit()   # the critics' update cannot be undone
         self.scaler.step(self.D_optim)
 
     def g_step(self, batch, translations, masks: FaceMasks, logs, step: int) -> None:
@@ -306,7 +310,7 @@ class UGATIT:
             }
             ctx = L.DirectionContext(d.name, batch[src], batch[tgt], out.fake, critic,
                                      masks.of(src), batch.get(f'group_{src}'))
-            for term in self.g_terms:
+            for term in (t for t in self.g_terms if d.name in t.directions):
                 terms[term.name] = term.weight * term(ctx)
             for name, value in terms.items():
                 logs[f'G/{name}_{d.name}'] = value.detach()
@@ -356,6 +360,28 @@ class UGATIT:
             for controller in self.ada.values():
                 controller.step()
         self.step = step
+        self._undo.end()
+
+    def _volatile_tensors(self) -> list[torch.Tensor]:
+        """What a step changes in place before its first optimizer update: spectral norm's u, v
+        (the D step's power iteration) and ADA's running r_t sums."""
+        return [*self.G.buffers(), *self.D.buffers(), *(t for ada in (self.ada or {}).values()
+                                                        for t in ada.running_tensors())]
+
+    def restore_last_completed_step(self) -> bool:
+        """After an error inside a step: put back what it changed, so the state (RNG included) is
+        exactly that of the last completed step, ``self.step``. False when the error came after an
+        optimizer had updated weights, which cannot be undone exactly."""
+        if not self._undo.restore():
+            return False
+        self._set_lr(self.lr_at(self.step))
+        return True
+
+    def checkpoint_nbytes(self) -> int:
+        """About the size of a checkpoint once Adam's moments exist (a fresh run has none yet)."""
+        missing = sum(2 * p.nelement() * p.element_size() for optim in (self.G_optim, self.D_optim)
+                      for group in optim.param_groups for p in group['params'] if p not in optim.state)
+        return state_nbytes(self.state_dict()) + missing
 
     # -- inference views ---------------------------------------------------------------------------
 
@@ -445,3 +471,45 @@ class UGATIT:
                 ada.load_state_dict(state['ada'][dom])
         self.step = int(state.get('step', 0))
         return notes
+
+
+class StepUndo:
+    """What a training step changes before its first optimizer update, kept so that an error there
+    leaves the last completed step's state exactly: the global RNG states and a copy of the
+    volatile tensors (one foreach copy into buffers made once, so no allocation per step)."""
+
+    def __init__(self) -> None:
+        self._rng: dict | None = None
+        self._live: list[torch.Tensor] = []
+        self._saved: list[torch.Tensor] = []
+        self.committed = False
+
+    def begin(self, tensors: list[torch.Tensor]) -> None:
+        if len(tensors) != len(self._saved) or any(a is not b for a, b in zip(tensors, self._live)):
+            self._saved = [torch.empty_like(t) for t in tensors]
+        self._live = tensors
+        with torch.no_grad():
+            if tensors:
+                torch._foreach_copy_(self._saved, tensors)
+        self._rng = utils.rng_state()
+        self.committed = False
+
+    def commit(self) -> None:
+        self.committed = True
+
+    def end(self) -> None:
+        self._rng = None
+
+    def restore(self) -> bool:
+        """Undo the step in progress (True), or say it cannot be undone (False); True between steps."""
+        if self._rng is None:
+            return True
+        if self.committed:
+            return False
+        with torch.no_grad():
+            if self._live:
+                torch._foreach_copy_(self._live, self._saved)
+        utils.set_rng_state(self._rng)
+        self._rng = None
+        return True
+

@@ -145,7 +145,7 @@ def test_signal_to_the_process_group_stops_cleanly_and_resumes(tmp_path, signum)
         stderr.seek(0)
         err = stderr.read()
     assert 'stopped by signal at step' in err and 'Traceback' not in err, err[-3000:]
-    assert returncode == 128 + signum   # utils.stop_exit_code: as if killed by the signal, but after a checkpoint
+    assert returncode == 128 + signum   # signals.stop_exit_code: as if killed by the signal, but after a checkpoint
     stopped = int(err.split('stopped by signal at step ')[1].split(';')[0])
     assert _weights(out, stopped)['step'] == stopped
     resumed = tiny_flags(data, out, '--iteration', str(stopped + 2), '--save_freq', '2', '--resume', 'True')
