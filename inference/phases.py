@@ -187,10 +187,10 @@ def _note_non_square(sources: list[Path], img_size: int) -> None:
     squashed = 0
     for path in sources:
         try:
-            with Image.open(path) as img:
-                squashed += img.width != img.height
-        except OSError:
+            width, height = images.image_size(path)
+        except images.UnreadableImage:
             continue
+        squashed += width != height
     if squashed:
         print(f'note: {squashed} image(s) are not square and were resized to {img_size}x{img_size} without '
               f'keeping the aspect ratio; --crop center translates the centre square and pastes it back',
