@@ -1,4 +1,4 @@
-"""Image files: finding them, decoding any mode to 8-bit RGB, and skipping unreadable ones once.
+"""Image files: finding them, decoding any mode to upright 8-bit RGB, and skipping unreadable ones once.
 
 Its own module because training data, the inference phases, the metrics and the demo all read
 users' image files the same way, and none of them should need the training pipeline for it.
@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 from tqdm import tqdm
 
 from errors import DatasetError, UnreadableImage
@@ -20,6 +20,8 @@ IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tif
 LAYOUT = 'dataset/<name>/{trainA,trainB,testA,testB}/ holding image files'
 # Pillow's ways of failing on a corrupt or foreign file.
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError)
+# EXIF orientations that turn the stored pixels by 90 degrees (width and height swap).
+_SIDEWAYS = (5, 6, 7, 8)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -33,18 +35,33 @@ def find_images(folder: Path) -> list[Path]:
 
 
 def load_rgb(path: str | Path) -> Image.Image:
-    """Decode any image file to an 8-bit RGB PIL image.
+    """Decode any image file to an 8-bit RGB PIL image, upright.
 
-    Transparent images (RGBA, LA, PA, P with transparency) are composited on white, since what
-    lies under fully transparent pixels is arbitrary. 16-bit and 32-bit images are scaled, not
-    clipped, to 8 bits. Raises UnreadableImage for corrupt or non-image files.
+    The one reader of image files: training, inference, metrics, the demo and the scripts all call
+    it, so a photo looks the same everywhere. Its EXIF orientation is applied (phones store pixels
+    sideways and say so in the tag). Transparent images (RGBA, LA, PA, P with transparency) are
+    composited on white, since what lies under fully transparent pixels is arbitrary. 16-bit and
+    32-bit images are scaled, not clipped, to 8 bits. Raises UnreadableImage for corrupt or
+    non-image files.
     """
     try:
         with Image.open(path) as img:
-            img.load()
+            ImageOps.exif_transpose(img, in_place=True)   # loads the pixels; in place: no extra copy
             return _to_rgb(img)
     except _DECODE_ERRORS as exc:
         raise UnreadableImage(f'cannot read image {path} ({exc}); delete or replace the file') from exc
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(width, height) of the image :func:`load_rgb` gives (EXIF orientation included), from the
+    header; only a PNG without its eXIf chunk up front is decoded to look for it. Raises UnreadableImage."""
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+            sideways = img.getexif().get(ExifTags.Base.Orientation) in _SIDEWAYS
+    except _DECODE_ERRORS as exc:
+        raise UnreadableImage(f'cannot read image {path} ({exc}); delete or replace the file') from exc
+    return (height, width) if sideways else (width, height)
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

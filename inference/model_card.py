@@ -227,9 +227,9 @@ With onnxruntime alone (input: float32 N×3×H×W in [-1, 1]; outputs `translati
 {note}
 ```python
 import numpy as np, onnxruntime as ort
-from PIL import Image
+from PIL import Image, ImageOps
 {fetch}session = ort.InferenceSession({onnx_path})
-image = Image.open('photo.png').convert('RGB').resize(({size}, {size}))
+image = ImageOps.exif_transpose(Image.open('photo.jpg')).convert('RGB').resize(({size}, {size}))  # upright
 x = np.asarray(image, np.float32).transpose(2, 0, 1)[None] / 127.5 - 1
 translation, heatmap = session.run(None, {{'image': x}})
 Image.fromarray(((translation[0].transpose(1, 2, 0) + 1) * 127.5).round().clip(0, 255).astype(np.uint8)).save('out.png')

@@ -29,6 +29,7 @@ import model
 import utils
 from config import Config
 from inference import sizing
+from inference import video as video_io
 from run_folder import RunFiles, same_dataset
 
 VIDEO_EXTENSIONS = ('.mp4', '.avi', '.mov', '.mkv', '.ts', '.webm', '.m4v')
@@ -197,10 +198,10 @@ def _note_non_square(sources: list[Path], img_size: int) -> None:
     squashed = 0
     for path in sources:
         try:
-            with Image.open(path) as img:
-                squashed += img.width != img.height
-        except OSError:
+            width, height = images.image_size(path)
+        except images.UnreadableImage:
             continue
+        squashed += width != height
     if squashed:
         print(f'note: {squashed} image(s) are not square and were resized to {img_size}x{img_size} without '
               f'keeping the aspect ratio; --crop center translates the centre square and pastes it back',
@@ -319,33 +320,11 @@ def _translate_photos(job: Inference, folder: Path, out: Path) -> None:
 
 
 def translate_video(job: Inference, path: Path, out_dir: Path) -> Path:
-    """Original and translation side by side, frame by frame, at the source's size and frame rate."""
-    cfg = job.cfg
-    reader = cv2.VideoCapture(str(path))
-    if not reader.isOpened():
-        raise utils.UserError(f'cannot open video {path} (unsupported format or codec?)')
-    fps = reader.get(cv2.CAP_PROP_FPS) or 25.0
-    total = int(reader.get(cv2.CAP_PROP_FRAME_COUNT)) or None
+    """Original and translation side by side, frame by frame, at the source's size and frame rate
+    (H.264 with the source's sound when PyAV is installed: inference.video)."""
     translate = frame_translator(job)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    target = out_dir / f'{path.stem}_{cfg.inference.direction}.mp4'
-    writer = None
-    try:
-        for _ in tqdm(range(total) if total else iter(int, 1), desc=path.name, file=sys.stderr):
-            ok, bgr = reader.read()
-            if not ok:
-                break
-            rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-            both = np.concatenate([rgb, translate(rgb)], axis=1)
-            if writer is None:
-                writer = cv2.VideoWriter(str(target), cv2.VideoWriter_fourcc(*'mp4v'), fps,
-                                         (both.shape[1], both.shape[0]))
-            writer.write(cv2.cvtColor(both, cv2.COLOR_RGB2BGR))
-    finally:
-        reader.release()
-        if writer is not None:
-            writer.release()
-    if writer is None:
+    target = out_dir / f'{path.stem}_{job.cfg.inference.direction}.mp4'
+    if not video_io.convert(path, target, lambda rgb: np.concatenate([rgb, translate(rgb)], axis=1)):
         raise utils.UserError(f'{path} has no readable frames')
     return target
 

@@ -52,11 +52,10 @@ def _load_rgb(path: Path, img_size: int | None) -> Image.Image:
 
 
 def _image_size(path: Path, img_size: int | None) -> tuple[int, int] | None:
-    """(width, height) the image will have once loaded, from its header; None if unreadable."""
+    """(width, height) the image will have once loaded (upright), from its header; None if unreadable."""
     try:
-        with Image.open(path) as img:
-            size = img.size
-    except (OSError, ValueError) as err:
+        size = images.image_size(path)
+    except images.UnreadableImage as err:
         warnings.warn(f'skipping unreadable image {path}: {err}', stacklevel=3)
         return None
     return (img_size, img_size) if img_size is not None else size

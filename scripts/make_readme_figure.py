@@ -9,9 +9,14 @@ upscaled by --scale so small demo images stay crisp).
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import images  # noqa: E402
 
 GAP = 4
 
@@ -22,7 +27,7 @@ def _pairs(sources: Path, translations: Path, n: int) -> list[tuple[Image.Image,
         translated = translations / source.name
         if not translated.is_file():
             raise SystemExit(f'error: {translated} missing; run --phase test first')
-        pairs.append((Image.open(source).convert('RGB'), Image.open(translated).convert('RGB')))
+        pairs.append((images.load_rgb(source), images.load_rgb(translated)))
     if not pairs:
         raise SystemExit(f'error: no PNG images in {sources}')
     return pairs

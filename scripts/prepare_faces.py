@@ -17,11 +17,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 if __package__ in (None, ''):  # run as a file: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import images  # noqa: E402
 from faceseg.align import FaceAligner  # noqa: E402
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff')
@@ -57,11 +58,11 @@ def find_images(folder: Path, exclude: Path | None = None) -> list[Path]:
 
 
 def read_rgb(path: Path) -> np.ndarray | None:
-    """RGB uint8 array with EXIF orientation applied, or None if the file cannot be decoded."""
+    """RGB uint8 array as training reads it (images.load_rgb: EXIF orientation applied), or None if
+    the file cannot be decoded."""
     try:
-        with Image.open(path) as image:
-            return np.asarray(ImageOps.exif_transpose(image).convert('RGB'))
-    except (OSError, ValueError, Image.DecompressionBombError):
+        return np.asarray(images.load_rgb(path))
+    except images.UnreadableImage:
         return None
 
 
@@ -72,9 +73,9 @@ def output_name(path: Path, root: Path) -> str:
 
 def process(args: argparse.Namespace, aligner: FaceAligner) -> tuple[int, int, list[str], list[str]]:
     """Write the crops; returns (images, faces written, no-face paths, unreadable paths)."""
-    images = find_images(args.input, exclude=args.output)
+    photos = find_images(args.input, exclude=args.output)
     written, no_face, unreadable, used = 0, [], [], set()
-    for path in images:
+    for path in photos:
         relative = path.relative_to(args.input).as_posix()
         image = read_rgb(path)
         if image is None:
@@ -92,7 +93,7 @@ def process(args: argparse.Namespace, aligner: FaceAligner) -> tuple[int, int, l
             stem = f'{name}_{k}' if args.all_faces else name
             Image.fromarray(crop).save(args.output / f'{stem}.png')
             written += 1
-    return len(images), written, no_face, unreadable
+    return len(photos), written, no_face, unreadable
 
 
 def main(argv: list[str] | None = None) -> int:
