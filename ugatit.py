@@ -33,7 +33,7 @@ import dataset as data
 import losses as L
 import utils
 from checkpoints import PT_KEYS, TRAINING_FORMAT, load_module, state_nbytes
-from config import Config
+from config import Config, LossWeights
 from distributed import DistributedContext, untrainable_parameters, wrap_for_speed
 from errors import UserError
 from faceseg.masking import NO_MASKS, FaceMasks, build_face_masking
@@ -87,16 +87,16 @@ class UGATIT:
         if perf.channels_last:
             self.G.to(memory_format=torch.channels_last)
             self.D.to(memory_format=torch.channels_last)
-        self.G_optim = self._adam(self.G.parameters())
-        self.D_optim = self._adam(self.D.parameters())
-        self.regularisers = self._build_regularisers()
+        self.G_optim = build_adam(self.G.parameters(), config, self.device)
+        self.D_optim = build_adam(self.D.parameters(), config, self.device)
+        self.regularisers = build_regularisers({'G': self.G, 'D': self.D}, self.weights)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=perf.amp == 'fp16')
         self.rho_clipper = RhoClipper(0, 1)
         objective, penalty = L.gan_objective(self.weights.gan_type, self.weights.GP_ld)
         self.gan_loss = L.GANLoss(cam_weight=self.weights.cam_D_weight, objective=objective, penalty=penalty)
         self.adv_weight = self.weights.adversarial()
-        self.ema = self._build_ema()
-        self.ada = self._build_ada()
+        self.ema = build_ema(self.G, config)
+        self.ada = build_ada(config, self.device, self.dist.world_size, self.gan_loss.threshold)
         # ADA's and the gradient penalty's draws come from their own generators, reseeded from (seed, rank,
         # step) every step, so a resumed run draws exactly as an unbroken one (DataLoader start-up also
         # draws globally).
@@ -104,55 +104,16 @@ class UGATIT:
                           (('ada', self.ada is not None), ('penalty', penalty is not None)) if wanted}
         self.face_masking = build_face_masking(config.face_masks, self.device) if config.face_masks else None
         self.g_terms = L.build_generator_terms(config.generator_terms, self.device)
-        self.frozen_on_other_groups = self._selective_backprop_params()
+        self.frozen_on_other_groups = selective_backprop_params(self.G) if config.few_shot.selective_backprop else []
         self.G_run, self.D_run, self.D_local = wrap_for_speed(
             self.G, self.D, self.dist, perf.compile,
             untrained=untrainable_parameters(self.D, self.weights.cam_D_weight, self.regularisers['D']))
-
-    # -- construction helpers --------------------------------------------------------------------
-
-    def _adam(self, params) -> torch.optim.Adam:
-        fast = {'fused': True} if self.device.type == 'cuda' else {'foreach': True}
-        weight_decay = 0.0 if self.weights.kernel_l2 else self.weights.weight_decay
-        return torch.optim.Adam(params, lr=self.schedule.lr, betas=(0.5, 0.999), weight_decay=weight_decay, **fast)
-
-    def _build_regularisers(self) -> dict[str, list[L.KernelL2]]:
-        """TF's L2 loss term on each network's kernels (--arch tf), in place of Adam's weight decay."""
-        if not self.weights.kernel_l2:
-            return {'G': [], 'D': []}
-        decay = self.weights.weight_decay
-        return {'G': [L.KernelL2(self.G, decay)], 'D': [L.KernelL2(self.D, decay)]}
-
-    def _build_ema(self) -> dict[str, utils.EMA] | None:
-        options = self.config.ema
-        if options is None:
-            return None
-        start = int(options.start * self.schedule.iterations)
-        return {d.name: utils.EMA(self.G[d.name], options.beta, start, options.rampup) for d in DIRECTIONS}
-
-    def _build_ada(self) -> dict[str, augment.AdaController] | None:
-        """One controller per domain; its kimg counts the images of every rank."""
-        options = self.config.ada
-        if options is None:
-            return None
-        everyone = dataclasses.replace(options, batch_size=options.batch_size * self.dist.world_size)
-        return augment.build_controllers(everyone, self.device, threshold=self.gan_loss.threshold)
-
-    def _selective_backprop_params(self) -> list[nn.Parameter]:
-        """F2W's bottleneck: the encoder residual blocks of both generators."""
-        if not self.config.few_shot.selective_backprop:
-            return []
-        return [p for g in self.G.values() for block in g.DownBlock if isinstance(block, ResnetBlock)
-                for p in block.parameters()]
 
     # -- schedule ----------------------------------------------------------------------------------
 
     def lr_at(self, step: int) -> float:
         """The learning rate of ``step`` (``config.Schedule``)."""
         return self.schedule.lr_at(step)
-
-    def is_generator_step(self, step: int) -> bool:
-        return self.schedule.is_generator_step(step)
 
     def _set_lr(self, lr: float) -> None:
         for optim in (self.G_optim, self.D_optim):
@@ -231,7 +192,7 @@ class UGATIT:
             rng.manual_seed(data.derive_seed(self.config.run.seed, name, self.dist.rank, step))
         masks = self.face_masking(batch) if self.face_masking is not None else NO_MASKS
         self.G.train()
-        generator_step = self.is_generator_step(step)
+        generator_step = self.schedule.is_generator_step(step)
         with self.autocast():
             translations = self.generate(batch) if generator_step else None
             fakes = self.fakes(batch, translations)
@@ -471,6 +432,49 @@ class UGATIT:
                 ada.load_state_dict(state['ada'][dom])
         self.step = int(state.get('step', 0))
         return notes
+
+
+# ----------------------------------------------------------------------------------------------
+# What the trainer builds besides the networks, each from its part of the config
+
+
+def build_adam(params, config: Config, device: torch.device) -> torch.optim.Adam:
+    """PT's Adam (β = 0.5, 0.999), fused on CUDA; --arch tf regularises with an L2 loss term instead of
+    the coupled weight decay."""
+    fast = {'fused': True} if device.type == 'cuda' else {'foreach': True}
+    weights = config.losses
+    weight_decay = 0.0 if weights.kernel_l2 else weights.weight_decay
+    return torch.optim.Adam(params, lr=config.schedule.lr, betas=(0.5, 0.999), weight_decay=weight_decay, **fast)
+
+
+def build_regularisers(networks: dict[str, nn.Module], weights: LossWeights) -> dict[str, list[L.KernelL2]]:
+    """TF's L2 loss term on each network's kernels (--arch tf), in place of Adam's weight decay."""
+    return {name: [L.KernelL2(net, weights.weight_decay)] if weights.kernel_l2 else []
+            for name, net in networks.items()}
+
+
+def build_ema(G: nn.ModuleDict, config: Config) -> dict[str, utils.EMA] | None:
+    options = config.ema
+    if options is None:
+        return None
+    start = int(options.start * config.schedule.iterations)
+    return {d.name: utils.EMA(G[d.name], options.beta, start, options.rampup) for d in DIRECTIONS}
+
+
+def build_ada(config: Config, device: torch.device, world_size: int, threshold: float
+              ) -> dict[str, augment.AdaController] | None:
+    """One controller per domain; its kimg counts the images of every rank."""
+    options = config.ada
+    if options is None:
+        return None
+    everyone = dataclasses.replace(options, batch_size=options.batch_size * world_size)
+    return augment.build_controllers(everyone, device, threshold=threshold)
+
+
+def selective_backprop_params(G: nn.ModuleDict) -> list[nn.Parameter]:
+    """F2W's bottleneck: the encoder residual blocks of both generators."""
+    return [p for g in G.values() for block in g.DownBlock if isinstance(block, ResnetBlock)
+            for p in block.parameters()]
 
 
 class StepUndo:

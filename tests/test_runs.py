@@ -58,7 +58,7 @@ def test_error_after_step_one_writes_a_checkpoint_and_resumes(tiny_dataset, tmp_
         main.main(tiny_flags(tiny_dataset, tmp_path, '--iteration', '5', '--print_freq', '3'))
     saved = tmp_path / 'tiny' / 'model' / 'tiny_params_0000003.pt'
     assert saved.exists() and checkpoints.load_checkpoint(saved)['step'] == 3
-    assert f'saved {saved}' in capsys.readouterr().err
+    assert f'saved step 3 to {saved}' in capsys.readouterr().err
     monkeypatch.undo()
     assert main.main(tiny_flags(tiny_dataset, tmp_path, '--iteration', '5', '--print_freq', '3',
                                 '--resume', 'True')) == 0

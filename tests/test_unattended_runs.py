@@ -12,13 +12,12 @@ import time
 from pathlib import Path
 
 import torch
-from conftest import signal_after_step, tiny_flags
+from conftest import random_batches, signal_after_step, tiny_flags, tiny_trainer
 
 import checkpoints
 import main
 import run_folder
 import signals
-import utils
 from ugatit import UGATIT
 
 REPO = Path(__file__).resolve().parents[1]
@@ -93,20 +92,30 @@ def test_full_disk_is_one_line_and_keeps_the_last_complete_checkpoint(tiny_datas
 
 def test_start_refuses_when_no_checkpoint_fits_and_warns_when_two_do_not(tiny_dataset, tmp_path, monkeypatch, capsys):
     needed = {}
-    real_nbytes = checkpoints.state_nbytes
+    real_nbytes = UGATIT.checkpoint_nbytes
 
-    def nbytes(obj):
-        needed['n'] = real_nbytes(obj)
+    def nbytes(self):
+        needed['n'] = real_nbytes(self)
         return needed['n']
 
-    monkeypatch.setattr(utils, 'state_nbytes', nbytes)
-    monkeypatch.setattr(utils, 'free_bytes', lambda folder: needed['n'] - 1)
+    monkeypatch.setattr(UGATIT, 'checkpoint_nbytes', nbytes)
+    monkeypatch.setattr(checkpoints, 'free_bytes', lambda folder: needed['n'] - 1)
     assert _run(tiny_dataset, tmp_path / 'a', '--iteration', '2') == 2
     err = capsys.readouterr().err
     assert 'no room for a single checkpoint' in err and 'train:' not in err
-    monkeypatch.setattr(utils, 'free_bytes', lambda folder: needed['n'] * 3 // 2)
+    monkeypatch.setattr(checkpoints, 'free_bytes', lambda folder: needed['n'] * 3 // 2)
     assert _run(tiny_dataset, tmp_path / 'b', '--iteration', '2') == 0
     assert 'room for only one more checkpoint' in capsys.readouterr().err
+
+
+def test_disk_check_of_a_fresh_run_counts_the_optimizer_moments_it_will_save(tiny_dataset, tmp_path):
+    """Issue 24 6a: a fresh trainer has no Adam moments yet; sizing its state alone estimated about half
+    of the real checkpoint (this test failed before: 0.5 of it)."""
+    trainer = tiny_trainer(tiny_dataset, tmp_path, '--ema', 'False')
+    estimate = trainer.checkpoint_nbytes()
+    trainer.train_step(random_batches(1)[0], 1)
+    saved = checkpoints.state_nbytes(trainer.state_dict())   # the tensors a checkpoint after step 1 holds
+    assert 0.98 < estimate / saved <= 1.0
 
 
 def test_keep_checkpoints_deletes_the_oldest_periodic_ones_only(tiny_dataset, tmp_path):
