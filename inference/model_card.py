@@ -32,6 +32,7 @@ TAGS = ('image-to-image', 'u-gat-it', 'gan')
 TF_REPOSITORY = 'https://github.com/taki0112/UGATIT'
 PROJECT_NAME = 'U-GAT-IT (PyTorch)'   # this project, as its README names itself
 PROJECT_URL: str | None = None        # its public repository: README names none yet; the card links it when set
+THIS_FOLDER = 'path/to/this/folder'   # the card's --checkpoint for an export not on the Hub: it may be copied anywhere
 # Flags about this machine, paths and the inference phases: not part of how the weights came to be.
 NOT_TRAINING = frozenset({
     'phase', 'dataset', 'result_dir', 'device', 'seed', 'resume', 'overwrite', 'checkpoint', 'no_ema', 'img_dir',
@@ -209,8 +210,8 @@ def scores_section(found: dict | None) -> str:
 
 
 def usage_section(location: str, arch: ArchConfig, has_onnx: bool) -> str:
-    """How to run the export: ``location`` is hf://OWNER/NAME once pushed, else the export folder's own
-    name (a path relative to the folder holding it, never the exporter's absolute path)."""
+    """How to run the export: ``location`` is hf://OWNER/NAME once pushed, else :data:`THIS_FOLDER` (never
+    the exporter's own path, which means nothing to a reader of a copied or downloaded folder)."""
     size = arch.img_size
     pushed = location.startswith('hf://')
     note = '' if has_onnx else ('\nThis export holds no ONNX graphs yet: `python scripts/export.py --checkpoint '
@@ -221,7 +222,7 @@ def usage_section(location: str, arch: ArchConfig, has_onnx: bool) -> str:
         where = ''
     else:
         onnx_path, fetch = f"'{location}/A2B.onnx'", ''
-        where = f' `{location}` stands for the path of this folder.'
+        where = f' `{location}` stands for the folder that holds this README.'
     return f"""`main.py` and `demo.py` are the scripts of {project_reference()}, whose `scripts/export.py` wrote
 this folder: run them from its checkout (`pip install -r requirements.txt`; the demo and ONNX need
 `requirements-extras.txt`). No model flag is needed: the architecture is read from `config.json`.{where}
@@ -301,7 +302,7 @@ def write_card(folder: str | Path, translator: Translator, opts: CardOptions, ru
     if samples is not None:
         utils.save_rgb(samples_path, samples_grid(translator, samples))
         written.append(samples_path)
-    location = f'hf://{opts.repo_id}' if opts.repo_id else folder.resolve().name   # never a local path
+    location = f'hf://{opts.repo_id}' if opts.repo_id else THIS_FOLDER
     card = folder / CARD_NAME
     card.write_text(render(config, translator, found, samples is not None, any(folder.glob('*.onnx')), opts,
                            location))

@@ -254,16 +254,17 @@ def test_card_usage_has_no_local_path_and_says_where_main_py_comes_from(trained,
     _, checkpoint = trained
     export(checkpoint, tmp_path / 'selfie2anime')
     card = (tmp_path / 'selfie2anime' / 'README.md').read_text()
-    assert str(tmp_path) not in card
-    assert 'python main.py --phase img_dir --checkpoint selfie2anime --img_dir' in card
-    assert 'python demo.py --checkpoint selfie2anime\n' in card
-    assert "ort.InferenceSession('selfie2anime/A2B.onnx')" in card
+    assert str(tmp_path) not in card and 'selfie2anime' not in card
+    assert 'python main.py --phase img_dir --checkpoint path/to/this/folder --img_dir' in card
+    assert 'python demo.py --checkpoint path/to/this/folder\n' in card
+    assert "ort.InferenceSession('path/to/this/folder/A2B.onnx')" in card
+    assert '`path/to/this/folder` stands for the folder that holds this README' in card
     assert '`main.py` and `demo.py` are the scripts of the U-GAT-IT (PyTorch) project' in card
-    monkeypatch.chdir(tmp_path / 'selfie2anime')   # --out . names the folder, not '.' or a path
+    monkeypatch.chdir(tmp_path / 'selfie2anime')   # a relative --out is no more a path on the card
     monkeypatch.setattr(model_card, 'PROJECT_URL', 'https://example.org/ugatit.git')
     export(checkpoint, Path('.'))
     card = Path('README.md').read_text()
-    assert '--checkpoint selfie2anime ' in card and str(tmp_path) not in card
+    assert '--checkpoint path/to/this/folder ' in card and '--checkpoint . ' not in card
     assert '[U-GAT-IT (PyTorch)](https://example.org/ugatit.git) project (`git clone ' \
            'https://example.org/ugatit.git`)' in card
 
