@@ -205,12 +205,15 @@ def write_export(generators: Mapping[str, nn.Module], arch: ArchConfig, out: str
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     dtype = torch.float16 if fp16 else torch.float32
+    umask = os.umask(0)   # only reads it: os.umask has no getter
+    os.umask(umask)
     paths = []
     for d in DIRECTIONS:
         tensors = {name: t.detach().to('cpu', dtype if t.is_floating_point() else t.dtype).contiguous()
                    for name, t in generators[d.name].state_dict().items()}
         path = out / f'{d.name}.safetensors'
         save_file(tensors, str(path), metadata={'format': EXPORT_FORMAT, 'direction': d.name})
+        os.chmod(path, 0o666 & ~umask)   # safetensors writes 0600; the rest of the export follows the umask
         paths.append(path)
     config = {'format': EXPORT_FORMAT, **arch.to_dict(), **dict(metadata or {}),
               'dtype': str(dtype).removeprefix('torch.')}

@@ -21,9 +21,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
+import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -36,6 +39,9 @@ import options
 import utils
 from inference import sizing
 from model import Translator
+
+if TYPE_CHECKING:   # gradio is an optional extra, imported where the page is built
+    import gradio as gr
 
 REPO = Path(__file__).resolve().parent
 DEFAULT_EXAMPLES = (REPO / 'dataset' / 'demo' / 'testA', REPO / 'dataset' / 'demo' / 'testB')
@@ -88,10 +94,7 @@ class DemoModel:
         """Image file, 'A2B'/'B2A', align faces -> (translation, heatmap); needs no web stack."""
         if not path:
             raise utils.UserError('Upload a photo or take one with the webcam first.')
-        try:
-            image = images.load_rgb(path)
-        except images.DatasetError as exc:
-            raise utils.UserError(str(exc)) from None
+        image = open_upload(path)
         start = time.perf_counter()
         result = self.translate_faces(image, direction) if align else \
             sizing.translate_image(self.translator, image, direction, self.keep_size, self.max_size)
@@ -118,6 +121,58 @@ class DemoModel:
             from faceseg.align import FaceAligner
             self._aligner = FaceAligner(device=str(self.translator.device))
         return self._aligner
+
+
+def open_upload(path: str | Path) -> Image.Image:
+    """The uploaded file as RGB, read as main.py reads images; a file that is not an image, or has more
+    pixels than Pillow's decompression-bomb limit, is a one-line UserError before any pixel is decoded."""
+    name = Path(path).name
+    check_header(path)
+    try:
+        return images.load_rgb(path)
+    except images.UnreadableImage as exc:   # a valid header, then a truncated or corrupt body
+        raise utils.UserError(f'not a readable image: {name} ({exc.__cause__ or exc})') from None
+
+
+def check_header(path: str | Path) -> None:
+    """Open the header only: unknown formats and decompression bombs fail here. Pillow merely warns
+    between its limit and twice that and would then decode it all, so that warning is an error too."""
+    name = Path(path).name
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter('error', Image.DecompressionBombWarning)
+            with Image.open(path):
+                pass
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise utils.UserError(f'{name}: {too_many_pixels(exc)}; upload a smaller image') from None
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:   # Pillow's UnidentifiedImageError is an OSError
+        reason = 'no image format recognises it' if isinstance(exc, Image.UnidentifiedImageError) else exc
+        raise utils.UserError(f'not an image: {name} ({reason})') from None
+
+
+def too_many_pixels(exc: Exception) -> str:
+    """'N megapixels, above the limit of M': Pillow states the count only in its message."""
+    limit = f'the limit of {Image.MAX_IMAGE_PIXELS / 1e6:.1f} megapixels'
+    found = re.search(r'\((\d+) pixels\)', str(exc))
+    return f'{int(found[1]) / 1e6:.1f} megapixels, above {limit}' if found else f'more pixels than {limit}'
+
+
+def path_image(**kwargs: object) -> gr.Image:
+    """A gr.Image that hands uploads over as their file path, unopened. gr.Image's own preprocess opens
+    every upload with Pillow even for type='filepath', and answers a non-image or a decompression bomb
+    with a generic "Could not preprocess input" error; :func:`open_upload` says what is wrong instead."""
+    import gradio as gr
+    component = gr.Image(type='filepath', **kwargs)
+    opening_preprocess = component.preprocess
+
+    def preprocess(payload: gr.data_classes.ImageData | None) -> str | None:
+        if payload is not None and payload.path and not (payload.url or '').startswith('data:'):
+            return str(payload.path)
+        return opening_preprocess(payload)   # None, or a base64 data URL that Gradio writes to a file
+
+    # Replaced on the instance: for a subclass, Gradio would write a demo.pyi stub beside this file.
+    component.preprocess = preprocess
+    return component
 
 
 def example_images(sources: list[Path] | None, per_folder: int = 2) -> list[tuple[Path, str]]:
@@ -147,8 +202,7 @@ def build_page(model: DemoModel, examples: list[tuple[Path, str]], title: str):
         gr.Markdown(f'## {title}\nUpload a photo or use the webcam, choose the direction and press '
                     f'**Translate**. {size_note}')
         with gr.Row():
-            image = gr.Image(sources=['upload', 'webcam'], type='filepath', label='input', elem_id='input',
-                             height=IMAGE_HEIGHT)
+            image = path_image(sources=['upload', 'webcam'], label='input', elem_id='input', height=IMAGE_HEIGHT)
             # PNG: the page shows exactly the pixels the model produced (Gradio's default is lossy WebP).
             translation = gr.Image(type='numpy', format='png', label='translation', elem_id='translation',
                                    interactive=False, height=IMAGE_HEIGHT)

@@ -15,7 +15,7 @@ import utils
 PREFIX = 'hf://'
 EXPORT_FILES = ['config.json', '*.safetensors']   # what inference reads: never the card or samples
 ONNX_FILES = ['*.onnx', '*.onnx.data']
-REPO_ID = re.compile(r'^[\w.-]+/[\w.-]+$')
+OWNER_NAME = re.compile(r'^[^/]+/[^/]+$')   # the shape; the Hub's own rules are huggingface_hub's validator
 LOGIN_HINT = 'log in with `hf auth login` (or set HF_TOKEN)'
 
 
@@ -25,11 +25,26 @@ def is_hub_uri(path: object) -> bool:
 
 
 def parse(uri: str) -> tuple[str, str | None]:
-    """``hf://OWNER/NAME[@REVISION]`` -> (repo id, revision or None)."""
+    """``hf://OWNER/NAME[@REVISION]`` -> (repo id, revision or None); a name the Hub would reject is a
+    UserError here (needs huggingface_hub, as fetching does)."""
     repo_id, at, revision = uri.removeprefix(PREFIX).partition('@')
-    if not REPO_ID.match(repo_id) or (at and not revision):
+    if not OWNER_NAME.match(repo_id) or (at and not revision):
         raise utils.UserError(f'{uri}: expected hf://OWNER/NAME or hf://OWNER/NAME@REVISION')
+    check_repo_id(repo_id, uri)
     return repo_id, revision or None
+
+
+def check_repo_id(repo_id: str, what: str) -> None:
+    """A UserError naming ``what`` unless ``repo_id`` is OWNER/NAME and passes the Hub library's own rules
+    (characters, ``--``/``..``, length ≤ 96), so a bad name fails before anything is written or uploaded."""
+    if not OWNER_NAME.match(repo_id):
+        raise utils.UserError(f'{what}: expected OWNER/NAME')
+    _library()
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as exc:
+        raise utils.UserError(f'{what}: not a valid Hugging Face Hub repository id: {_first_line(exc)}') from None
 
 
 def offline() -> bool:
@@ -72,11 +87,11 @@ def fetch(uri: str, onnx: bool = False) -> Path:
 
 
 def push(folder: str | Path, repo_id: str, private: bool = False) -> str:
-    """Create (or reuse) the model repository and upload the folder with the user's login; its URL."""
-    if not REPO_ID.match(repo_id):
-        raise utils.UserError(f'--push_to_hub {repo_id}: expected OWNER/NAME')
+    """Create (or reuse) the model repository and upload the folder with the user's login; its URL on the
+    endpoint the library is configured for (HF_ENDPOINT: a private mirror prints its own address)."""
+    check_repo_id(repo_id, f'--push_to_hub {repo_id}')
     hf = _library()
-    from huggingface_hub import errors
+    from huggingface_hub import constants, errors  # constants: a submodule, not loaded by the package
     api = hf.HfApi()
     try:
         api.create_repo(repo_id, private=private, exist_ok=True)
@@ -91,7 +106,7 @@ def push(folder: str | Path, repo_id: str, private: bool = False) -> str:
         if not _network_error(exc):
             raise
         raise utils.UserError(f'cannot push to {repo_id}: cannot reach the Hugging Face Hub (no network?)') from None
-    return f'https://huggingface.co/{repo_id}'
+    return f"{constants.ENDPOINT.rstrip('/')}/{repo_id}"
 
 
 def _network_error(exc: Exception) -> bool:

@@ -30,6 +30,9 @@ SAMPLES_NAME = 'samples.png'
 SAMPLES = 4   # images per domain in samples.png
 TAGS = ('image-to-image', 'u-gat-it', 'gan')
 TF_REPOSITORY = 'https://github.com/taki0112/UGATIT'
+PROJECT_NAME = 'U-GAT-IT (PyTorch)'   # this project, as its README names itself
+PROJECT_URL: str | None = None        # its public repository: README names none yet; the card links it when set
+THIS_FOLDER = 'path/to/this/folder'   # the card's --checkpoint for an export not on the Hub: it may be copied anywhere
 # Flags about this machine, paths and the inference phases: not part of how the weights came to be.
 NOT_TRAINING = frozenset({
     'phase', 'dataset', 'result_dir', 'device', 'seed', 'resume', 'overwrite', 'checkpoint', 'no_ema', 'img_dir',
@@ -207,33 +210,49 @@ def scores_section(found: dict | None) -> str:
 
 
 def usage_section(location: str, arch: ArchConfig, has_onnx: bool) -> str:
+    """How to run the export: ``location`` is hf://OWNER/NAME once pushed, else :data:`THIS_FOLDER` (never
+    the exporter's own path, which means nothing to a reader of a copied or downloaded folder)."""
     size = arch.img_size
+    pushed = location.startswith('hf://')
     note = '' if has_onnx else ('\nThis export holds no ONNX graphs yet: `python scripts/export.py --checkpoint '
                                 f'{location} --out DIR --onnx` adds them.\n')
-    if location.startswith('hf://'):
+    if pushed:
         onnx_path = f"hf_hub_download('{location.removeprefix('hf://')}', 'A2B.onnx')"
         fetch = 'from huggingface_hub import hf_hub_download\n'
+        where = ''
     else:
         onnx_path, fetch = f"'{location}/A2B.onnx'", ''
-    return f"""With the U-GAT-IT PyTorch code (`pip install -r requirements.txt`; the demo and ONNX need
-`requirements-extras.txt`), no model flag is needed: the architecture is read from `config.json`.
+        where = f' `{location}` stands for the folder that holds this README.'
+    return f"""`main.py` and `demo.py` are the scripts of {project_reference()}, whose `scripts/export.py` wrote
+this folder: run them from its checkout (`pip install -r requirements.txt`; the demo and ONNX need
+`requirements-extras.txt`). No model flag is needed: the architecture is read from `config.json`.{where}
 
 ```bash
 python main.py --phase img_dir --checkpoint {location} --img_dir photos/ --direction A2B --out_dir out/
 python demo.py --checkpoint {location}
 ```
 
-With onnxruntime alone (input: float32 N×3×H×W in [-1, 1]; outputs `translation`, `heatmap`):
+With onnxruntime alone (input: float32 N×3×H×W in [-1, 1]; outputs `translation`, `heatmap`), prepared
+as `main.py --phase img_dir` prepares images:
 {note}
 ```python
 import numpy as np, onnxruntime as ort
 from PIL import Image, ImageOps
 {fetch}session = ort.InferenceSession({onnx_path})
-image = ImageOps.exif_transpose(Image.open('photo.jpg')).convert('RGB').resize(({size}, {size}))  # upright
+image = ImageOps.exif_transpose(Image.open('photo.png'))  # as main.py: upright, transparent pixels on white,
+image = Image.alpha_composite(Image.new('RGBA', image.size, 'white'), image.convert('RGBA')).convert('RGB')
+image = image.resize(({size}, {size}), Image.Resampling.BILINEAR)  # then a bilinear resize
 x = np.asarray(image, np.float32).transpose(2, 0, 1)[None] / 127.5 - 1
 translation, heatmap = session.run(None, {{'image': x}})
 Image.fromarray(((translation[0].transpose(1, 2, 0) + 1) * 127.5).round().clip(0, 255).astype(np.uint8)).save('out.png')
 ```"""
+
+
+def project_reference() -> str:
+    """Where main.py comes from: a link and the clone command once the project names a public home."""
+    if PROJECT_URL is None:
+        return f'the {PROJECT_NAME} project'
+    return f'the [{PROJECT_NAME}]({PROJECT_URL}) project (`git clone {PROJECT_URL}`)'
 
 
 def origin_section(config: Mapping, license: str | None) -> str:
@@ -283,7 +302,7 @@ def write_card(folder: str | Path, translator: Translator, opts: CardOptions, ru
     if samples is not None:
         utils.save_rgb(samples_path, samples_grid(translator, samples))
         written.append(samples_path)
-    location = f'hf://{opts.repo_id}' if opts.repo_id else folder.as_posix()
+    location = f'hf://{opts.repo_id}' if opts.repo_id else THIS_FOLDER
     card = folder / CARD_NAME
     card.write_text(render(config, translator, found, samples is not None, any(folder.glob('*.onnx')), opts,
                            location))

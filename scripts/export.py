@@ -98,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.private and not args.push_to_hub:
             raise utils.UserError('--private applies to --push_to_hub OWNER/NAME; add that, or drop --private')
+        if args.push_to_hub:   # a name the Hub rejects fails before the export is written
+            hub.check_repo_id(args.push_to_hub, f'--push_to_hub {args.push_to_hub}')
         paths = export(args, rest)
         print(f'exported {args.checkpoint} to {args.out}:')
         for line in utils.file_report(paths):

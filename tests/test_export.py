@@ -3,6 +3,8 @@ onnxruntime runs to PyTorch's numbers (light and full, with and without EN's arc
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import numpy as np
 import pytest
@@ -110,6 +112,22 @@ def test_fp16_export_is_half_the_size(tmp_path):
     half = checkpoints.write_export(nets, arch, tmp_path / 'f16', fp16=True)[1].stat().st_size
     n_params = sum(t.numel() for t in nets['A2B'].state_dict().values())
     assert n_params * 4 <= full < n_params * 4 + 20000 and n_params * 2 <= half < n_params * 2 + 20000
+
+
+@pytest.mark.parametrize('umask,mode', [(0o022, 0o644), (0o002, 0o664)])
+def test_export_files_follow_the_umask(tmp_path, umask, mode):
+    """safetensors writes its files 0600; the export gives them the permission of its other files."""
+    pytest.importorskip('safetensors')
+    arch = tiny_arch()
+    nets = {d.name: tiny_generator(arch) for d in DIRECTIONS}
+    old = os.umask(umask)
+    try:
+        paths = checkpoints.write_export(nets, arch, tmp_path / 'export')
+        assert os.umask(umask) == umask   # the umask is left as it was
+    finally:
+        os.umask(old)
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in paths} == {
+        'config.json': mode, 'A2B.safetensors': mode, 'B2A.safetensors': mode}
 
 
 def test_read_export_errors_are_one_line(tmp_path):

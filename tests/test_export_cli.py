@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from pathlib import Path
 
 import cv2
@@ -16,6 +17,7 @@ from PIL import Image
 import checkpoints
 import main
 import model
+from inference import model_card
 from scripts import export as export_cli
 
 
@@ -246,6 +248,63 @@ def test_card_front_matter_parses_and_names_the_model(trained, tmp_path):
         assert command in card
     export(checkpoint, tmp_path / 'unlicensed')
     assert 'license' not in front_matter((tmp_path / 'unlicensed' / 'README.md').read_text())
+
+
+def test_card_usage_has_no_local_path_and_says_where_main_py_comes_from(trained, tmp_path, monkeypatch):
+    _, checkpoint = trained
+    export(checkpoint, tmp_path / 'selfie2anime')
+    card = (tmp_path / 'selfie2anime' / 'README.md').read_text()
+    assert str(tmp_path) not in card and 'selfie2anime' not in card
+    assert 'python main.py --phase img_dir --checkpoint path/to/this/folder --img_dir' in card
+    assert 'python demo.py --checkpoint path/to/this/folder\n' in card
+    assert "ort.InferenceSession('path/to/this/folder/A2B.onnx')" in card
+    assert '`path/to/this/folder` stands for the folder that holds this README' in card
+    assert '`main.py` and `demo.py` are the scripts of the U-GAT-IT (PyTorch) project' in card
+    monkeypatch.chdir(tmp_path / 'selfie2anime')   # a relative --out is no more a path on the card
+    monkeypatch.setattr(model_card, 'PROJECT_URL', 'https://example.org/ugatit.git')
+    export(checkpoint, Path('.'))
+    card = Path('README.md').read_text()
+    assert '--checkpoint path/to/this/folder ' in card and '--checkpoint . ' not in card
+    assert '[U-GAT-IT (PyTorch)](https://example.org/ugatit.git) project (`git clone ' \
+           'https://example.org/ugatit.git`)' in card
+
+
+class _RecordingSession:
+    """onnxruntime.InferenceSession's stand-in: keeps the input and returns it as the translation."""
+
+    inputs: list = []
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def run(self, outputs, feeds: dict) -> tuple[np.ndarray, np.ndarray]:
+        self.inputs.append(feeds['image'])
+        return feeds['image'], feeds['image'][:, :1]
+
+
+@pytest.mark.parametrize('mode', ['RGB', 'RGBA'])
+def test_card_onnx_snippet_prepares_images_as_img_dir(trained, tmp_path, monkeypatch, mode):
+    """The card's Python block, run as written (onnxruntime replaced), feeds the graph what
+    ``--phase img_dir`` feeds the generator for the same 512×600 photo."""
+    import types
+
+    import dataset
+    import images
+    _, checkpoint = trained
+    export(checkpoint, tmp_path / 'exp')
+    card = (tmp_path / 'exp' / 'README.md').read_text()
+    snippet = card.split('```python\n')[1].split('```')[0]
+    channels = len(mode)
+    pixels = np.random.default_rng(0).integers(0, 256, (600, 512, channels), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / 'photo.png')   # 3 channels: RGB, 4: RGBA
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(sys.modules, 'onnxruntime', types.SimpleNamespace(InferenceSession=_RecordingSession))
+    monkeypatch.setattr(_RecordingSession, 'inputs', [])
+    exec(snippet, {})
+    (fed,) = _RecordingSession.inputs
+    expected = dataset.test_transform(32)(images.load_rgb(tmp_path / 'photo.png')).unsqueeze(0).numpy()
+    assert fed.shape == expected.shape == (1, 3, 32, 32) and fed.dtype == np.float32
+    assert np.abs(fed - expected).max() <= 1 / 255
 
 
 def test_card_shows_fid_only_for_a_matching_generator_hash(trained, tmp_path):

@@ -203,3 +203,54 @@ def test_push_without_login_is_one_line(exported, tmp_path, monkeypatch, capsys)
     assert 'not logged in' in _one_error_line(capsys)
     assert export_cli.main(['--checkpoint', str(folder), '--out', str(tmp_path / 'exp2'), '--private']) == 2
     assert '--push_to_hub' in _one_error_line(capsys)
+
+
+BAD_IDS = ['a..b/c', 'someone/a--b', 'someone/-name', 'someone/' + 'x' * 97]   # all match the old [\w.-]+ regex
+
+
+@pytest.mark.parametrize('repo_id', BAD_IDS)
+def test_push_to_an_id_the_hub_rejects_is_one_line_before_anything_is_written(exported, tmp_path, monkeypatch,
+                                                                              capsys, repo_id):
+    _, folder = exported
+    monkeypatch.setattr(FakeApi, 'calls', [])
+    monkeypatch.setattr(hf, 'HfApi', FakeApi)
+    out = tmp_path / 'exp'
+    assert export_cli.main(['--checkpoint', str(folder), '--out', str(out), '--push_to_hub', repo_id]) == 2
+    assert f'error: --push_to_hub {repo_id}: not a valid Hugging Face Hub repository id' in _one_error_line(capsys)
+    assert FakeApi.calls == [] and not out.exists()
+
+
+@pytest.mark.parametrize('repo_id', BAD_IDS)
+def test_hf_uri_the_hub_rejects_is_one_line_without_a_download(exported, tmp_path, monkeypatch, capsys, repo_id):
+    data, folder = exported
+    fake = FakeDownload(folder)
+    monkeypatch.setattr(hf, 'snapshot_download', fake)
+    assert img_dir(data, tmp_path, f'hf://{repo_id}@v1', 'out') == 2
+    assert f'error: hf://{repo_id}@v1: not a valid Hugging Face Hub repository id' in _one_error_line(capsys)
+    assert fake.calls == []
+
+
+def test_push_prints_the_url_of_the_configured_endpoint(exported, tmp_path, monkeypatch, capsys):
+    _, folder = exported
+    monkeypatch.setattr(FakeApi, 'calls', [])
+    monkeypatch.setattr(hf, 'HfApi', FakeApi)
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, 'ENDPOINT', 'https://hub.example.org')
+    assert export_cli.main(['--checkpoint', str(folder), '--out', str(tmp_path / 'exp'),
+                            '--push_to_hub', 'someone/tiny-model']) == 0
+    assert 'pushed to https://hub.example.org/someone/tiny-model\n' in capsys.readouterr().out
+
+
+def test_push_url_follows_the_hf_endpoint_variable(tmp_path):
+    """HF_ENDPOINT as a user sets it, read by the real library at import (the upload itself replaced)."""
+    code = ('import huggingface_hub as hf, hub\n'
+            'class Api:\n'
+            '    def create_repo(self, *a, **k): pass\n'
+            '    def upload_folder(self, **k): pass\n'
+            'hf.HfApi = Api\n'
+            "print(hub.push('.', 'someone/tiny-model'))\n")
+    env = {**os.environ, 'HF_ENDPOINT': 'https://mirror.example.org/', 'PYTHONPATH': str(REPO)}
+    result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env, cwd=tmp_path,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == 'https://mirror.example.org/someone/tiny-model'

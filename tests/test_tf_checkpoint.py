@@ -29,10 +29,36 @@ def test_crc32c_known_values():
     assert T.crc32c(b'') == 0
 
 
-@pytest.mark.parametrize('n', [1, 65535, 65536, 65536 * 3 + 7, (1 << 17) + 513])
-def test_vectorised_crc32c_equals_bitwise_loop(n):
+def test_masked_crc_known_values():
+    """TF's rule: rotate right by 15 bits, add 0xa282ead8 (mod 2**32); values computed by hand."""
+    assert T.mask_crc(0) == 0xA282EAD8
+    assert T.mask_crc(0xE3069283) == (0x2507C60D + 0xA282EAD8) & 0xFFFFFFFF   # rotr15(0xE3069283)
+    assert T.mask_crc(0xFFFFFFFF) == 0xA282EAD7                                   # wraps around
+
+
+@pytest.mark.parametrize('n', [1, 7, 65535, 65536 * 3 + 7])
+def test_crc32c_equals_bitwise_loop_for_every_buffer_type(n):
     data = np.random.default_rng(n).integers(0, 256, n, dtype=np.uint8).tobytes()
-    assert T.crc32c(data) == _byte_loop_crc32c(data)
+    expected = _byte_loop_crc32c(data)
+    assert T.crc32c(data) == expected
+    assert T.crc32c(bytearray(data)) == expected
+    assert T.crc32c(memoryview(data)) == expected
+    assert T.crc32c(np.frombuffer(data, np.uint8)) == expected
+
+
+def test_crc32c_of_arrays_covers_their_bytes_in_c_order():
+    array = np.arange(24, dtype=np.float32).reshape(4, 6)
+    assert T.crc32c(array) == _byte_loop_crc32c(array.tobytes())
+    assert T.crc32c(array[:, ::2]) == _byte_loop_crc32c(array[:, ::2].tobytes())   # not contiguous
+    assert T.crc32c(np.array(0.5, np.float32)) == _byte_loop_crc32c(np.array(0.5, np.float32).tobytes())
+
+
+@pytest.mark.parametrize('name', REFERENCES)
+def test_masked_crc_equals_what_tensorflow_stored(name):
+    """The stored checksum of every tensor TF wrote equals mask_crc(crc32c(its bytes))."""
+    ckpt = T.TFCheckpoint(DATA / name / 'ckpt' / 'UGATIT.model-1000')
+    for key in ckpt:
+        assert T.mask_crc(T.crc32c(ckpt.read(key, verify=False))) == ckpt.entries[key].crc32c, key
 
 
 @pytest.mark.parametrize('name', REFERENCES)
