@@ -20,6 +20,7 @@ import os
 import pickle
 import shutil
 import tempfile
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from torch import nn
 
 import hub
 import utils
-from errors import DiskFull, UnsafeCheckpoint, UserError
+from errors import DiskFull, UnreadableCheckpoint, UnsafeCheckpoint, UserError
 from model import DIRECTIONS, ArchConfig, Translator, build_generator
 
 # PT's checkpoint keys and where each network lives: ('G', direction) or ('D', domain, scale).
@@ -50,9 +51,10 @@ def temp_pattern(path: Path) -> str:
 
 
 def atomic_save(obj: object, path: str | os.PathLike) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then rename over ``path``.
+    """torch.save to a temporary file in the same folder, fsync, rename over ``path``, fsync the folder.
 
-    A crash at any moment leaves either the old file or the complete new one, never a torn file; a
+    A crash or power loss at any moment leaves either the old file or the complete new one, never a
+    torn file, and a save reported as written stays written (the folder's entry is on disk too); a
     full disk removes the partial file and raises :class:`DiskFull` naming the space needed.
     """
     path = Path(path)
@@ -65,6 +67,7 @@ def atomic_save(obj: object, path: str | os.PathLike) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_folder(path.parent)   # the rename itself must reach the disk before the save counts as written
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
         if _is_disk_full(exc):
@@ -73,6 +76,33 @@ def atomic_save(obj: object, path: str | os.PathLike) -> None:
                            f'a checkpoint needs {needed}; free some space (older checkpoints, '
                            f'--keep_checkpoints N) and resume with --resume True') from None
         raise
+
+
+ZIP_MAGIC, PICKLE_PROTOCOL = b'PK\x03\x04', b'\x80'   # how torch.save's zip and legacy files begin
+
+
+def _check_torch_file(path: str | os.PathLike) -> None:
+    """A one-line UnreadableCheckpoint for what torch.load would answer cryptically: a file that is not
+    a torch.save file at all (a text file gave ``KeyError: 101``), or a zip archive cut short."""
+    with open(path, 'rb') as f:
+        head = f.read(len(ZIP_MAGIC))
+    if head.startswith(ZIP_MAGIC):
+        if not zipfile.is_zipfile(path):
+            size = utils.human_size(os.path.getsize(path))
+            raise UnreadableCheckpoint(f'{path} is cut short or damaged ({size}, its archive index is missing): an '
+                                       f'interrupted copy or download? copy it again or use an earlier checkpoint')
+        return
+    if not head.startswith(PICKLE_PROTOCOL):
+        raise UnreadableCheckpoint(f'{path} is not a PyTorch checkpoint (a file written by torch.save begins as a zip '
+                                   f'archive or a pickle); pass a .pt checkpoint or an export folder')
+
+
+def _fsync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _is_disk_full(exc: BaseException | None) -> bool:
@@ -106,6 +136,7 @@ def state_nbytes(obj: object) -> int:
 
 
 def _umask() -> int:
+    """The process's umask (os.umask has no getter: set and put back)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -122,6 +153,7 @@ def load_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict:
     on the CPU) would crash the process (SIGBUS) if the file were later rewritten in place. Old
     non-zip files are read as usual.
     """
+    _check_torch_file(path)
     try:
         if mmap:
             try:
@@ -205,15 +237,13 @@ def write_export(generators: Mapping[str, nn.Module], arch: ArchConfig, out: str
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     dtype = torch.float16 if fp16 else torch.float32
-    umask = os.umask(0)   # only reads it: os.umask has no getter
-    os.umask(umask)
     paths = []
     for d in DIRECTIONS:
         tensors = {name: t.detach().to('cpu', dtype if t.is_floating_point() else t.dtype).contiguous()
                    for name, t in generators[d.name].state_dict().items()}
         path = out / f'{d.name}.safetensors'
         save_file(tensors, str(path), metadata={'format': EXPORT_FORMAT, 'direction': d.name})
-        os.chmod(path, 0o666 & ~umask)   # safetensors writes 0600; the rest of the export follows the umask
+        os.chmod(path, 0o666 & ~_umask())   # safetensors writes 0600; the rest of the export follows the umask
         paths.append(path)
     config = {'format': EXPORT_FORMAT, **arch.to_dict(), **dict(metadata or {}),
               'dtype': str(dtype).removeprefix('torch.')}
@@ -285,11 +315,19 @@ def read_checkpoint(path: str | Path) -> dict:
     except UserError:
         raise
     except Exception as exc:  # noqa: BLE001 - any failure is reported on one line
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f'cannot load checkpoint {path}: {reason[:200]}') from None
+        raise UserError(f'cannot load checkpoint {path}: {first_sentence(exc)}') from None
     if not isinstance(state, dict) or any(d.key not in state for d in DIRECTIONS):
         raise UserError(f'{path} is not a U-GAT-IT checkpoint (no genA2B/genB2A weights)')
     return state
+
+
+def first_sentence(exc: BaseException, limit: int = 300) -> str:
+    """An exception's first sentence (whole words, at most ``limit`` characters), or its type's name."""
+    text = ' '.join(str(exc).split())
+    if not text:
+        return type(exc).__name__
+    sentence = text.split('. ')[0].rstrip('.')
+    return sentence if len(sentence) <= limit else sentence[:limit].rsplit(' ', 1)[0] + ' …'
 
 
 def resolve_arch(state: Mapping, flags: object | None, explicit: object = ()) -> ArchConfig:

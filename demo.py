@@ -33,6 +33,7 @@ import torch
 from PIL import Image
 
 import checkpoints
+import errors
 import hub
 import images
 import options
@@ -87,13 +88,13 @@ class DemoModel:
         import gradio as gr
         try:
             return self.translate(path, direction, align)
-        except utils.UserError as exc:
+        except errors.UserError as exc:
             raise gr.Error(str(exc)) from None
 
     def translate(self, path: str | None, direction: str, align: bool) -> tuple[np.ndarray, np.ndarray]:
         """Image file, 'A2B'/'B2A', align faces -> (translation, heatmap); needs no web stack."""
         if not path:
-            raise utils.UserError('Upload a photo or take one with the webcam first.')
+            raise errors.UserError('Upload a photo or take one with the webcam first.')
         image = open_upload(path)
         start = time.perf_counter()
         result = self.translate_faces(image, direction) if align else \
@@ -113,7 +114,7 @@ class DemoModel:
 
         result = self.aligner().apply(np.asarray(image), translate_crop, out_size=size, all_faces=True)
         if not heatmaps:
-            raise utils.UserError('No face found in this photo: untick "align face" to translate the whole photo.')
+            raise errors.UserError('No face found in this photo: untick "align face" to translate the whole photo.')
         return result, heatmaps[0]
 
     def aligner(self):
@@ -131,7 +132,7 @@ def open_upload(path: str | Path) -> Image.Image:
     try:
         return images.load_rgb(path)
     except images.UnreadableImage as exc:   # a valid header, then a truncated or corrupt body
-        raise utils.UserError(f'not a readable image: {name} ({exc.__cause__ or exc})') from None
+        raise errors.UserError(f'not a readable image: {name} ({exc.__cause__ or exc})') from None
 
 
 def check_header(path: str | Path) -> None:
@@ -144,10 +145,10 @@ def check_header(path: str | Path) -> None:
             with Image.open(path):
                 pass
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise utils.UserError(f'{name}: {too_many_pixels(exc)}; upload a smaller image') from None
+        raise errors.UserError(f'{name}: {too_many_pixels(exc)}; upload a smaller image') from None
     except (OSError, ValueError, SyntaxError, EOFError) as exc:   # Pillow's UnidentifiedImageError is an OSError
         reason = 'no image format recognises it' if isinstance(exc, Image.UnidentifiedImageError) else exc
-        raise utils.UserError(f'not an image: {name} ({reason})') from None
+        raise errors.UserError(f'not an image: {name} ({reason})') from None
 
 
 def too_many_pixels(exc: Exception) -> str:
@@ -231,7 +232,7 @@ def load_model(checkpoint: str, device: str, use_ema: bool, model_flags: list[st
     flags, explicit = options.architecture_flags(list(model_flags))
     translator, state = checkpoints.load_translator(checkpoint, device, use_ema=use_ema, flags=flags, explicit=explicit)
     if not use_ema and state['uses_ema']:
-        raise utils.UserError(f'--no_ema: {checkpoint} holds only the EMA generators (an export); export the raw '
+        raise errors.UserError(f'--no_ema: {checkpoint} holds only the EMA generators (an export); export the raw '
                               f'ones with scripts/export.py --no_ema, or pass the training checkpoint')
     weights = 'EMA' if state.get('uses_ema') else 'raw'
     print(f'loaded {checkpoint} (step {state.get("step", "?")}, {weights} generators, '
@@ -301,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         print(note, file=sys.stderr)
         demo_model = DemoModel(translator, args.max_size)
         page = build_page(demo_model, example_images(args.examples), f'U-GAT-IT: {title(args.checkpoint)}')
-    except utils.UserError as exc:
+    except errors.UserError as exc:
         print(f'error: {exc}', file=sys.stderr)
         return 2
     page.launch(server_name=args.host, server_port=args.port, show_error=True, css=CSS)

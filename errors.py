@@ -35,6 +35,10 @@ class UnsafeCheckpoint(UserError):
     """A checkpoint holding pickled Python objects, which ``weights_only`` loading refuses."""
 
 
+class UnreadableCheckpoint(UserError):
+    """A file given or found as a checkpoint that is not one, or is cut short."""
+
+
 class CheckpointError(UserError, ValueError):
     """The files are not a readable TF V2 checkpoint (missing, truncated, corrupt or unsupported)."""
 

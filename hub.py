@@ -10,7 +10,7 @@ import os
 import re
 from pathlib import Path
 
-import utils
+from errors import UserError
 
 PREFIX = 'hf://'
 EXPORT_FILES = ['config.json', '*.safetensors']   # what inference reads: never the card or samples
@@ -29,7 +29,7 @@ def parse(uri: str) -> tuple[str, str | None]:
     UserError here (needs huggingface_hub, as fetching does)."""
     repo_id, at, revision = uri.removeprefix(PREFIX).partition('@')
     if not OWNER_NAME.match(repo_id) or (at and not revision):
-        raise utils.UserError(f'{uri}: expected hf://OWNER/NAME or hf://OWNER/NAME@REVISION')
+        raise UserError(f'{uri}: expected hf://OWNER/NAME or hf://OWNER/NAME@REVISION')
     check_repo_id(repo_id, uri)
     return repo_id, revision or None
 
@@ -38,13 +38,13 @@ def check_repo_id(repo_id: str, what: str) -> None:
     """A UserError naming ``what`` unless ``repo_id`` is OWNER/NAME and passes the Hub library's own rules
     (characters, ``--``/``..``, length ≤ 96), so a bad name fails before anything is written or uploaded."""
     if not OWNER_NAME.match(repo_id):
-        raise utils.UserError(f'{what}: expected OWNER/NAME')
+        raise UserError(f'{what}: expected OWNER/NAME')
     _library()
     from huggingface_hub.utils import HFValidationError, validate_repo_id
     try:
         validate_repo_id(repo_id)
     except HFValidationError as exc:
-        raise utils.UserError(f'{what}: not a valid Hugging Face Hub repository id: {_first_line(exc)}') from None
+        raise UserError(f'{what}: not a valid Hugging Face Hub repository id: {_first_line(exc)}') from None
 
 
 def offline() -> bool:
@@ -56,7 +56,7 @@ def _library():
     try:
         import huggingface_hub
     except ImportError:
-        raise utils.UserError('hf:// checkpoints and --push_to_hub need huggingface_hub: pip install -r '
+        raise UserError('hf:// checkpoints and --push_to_hub need huggingface_hub: pip install -r '
                               'requirements-extras.txt') from None
     return huggingface_hub
 
@@ -72,18 +72,18 @@ def fetch(uri: str, onnx: bool = False) -> Path:
         return Path(hf.snapshot_download(repo_id, revision=revision, allow_patterns=patterns,
                                          local_files_only=offline()))
     except errors.RevisionNotFoundError:
-        raise utils.UserError(f'{uri}: the repository has no revision {revision!r}') from None
+        raise UserError(f'{uri}: the repository has no revision {revision!r}') from None
     except errors.RepositoryNotFoundError:   # also gated/private repositories without access
-        raise utils.UserError(f'{uri}: no such model repository on the Hugging Face Hub (a private one needs '
+        raise UserError(f'{uri}: no such model repository on the Hugging Face Hub (a private one needs '
                               f'access: {LOGIN_HINT})') from None
     except errors.LocalEntryNotFoundError:
         if offline():
-            raise utils.UserError(f'{uri} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: '
+            raise UserError(f'{uri} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: '
                                   f'fetch it once online') from None
-        raise utils.UserError(f'{uri}: cannot reach the Hugging Face Hub (no network?) and it is not in the '
+        raise UserError(f'{uri}: cannot reach the Hugging Face Hub (no network?) and it is not in the '
                               f'local cache') from None
     except (errors.HFValidationError, errors.HfHubHTTPError) as exc:
-        raise utils.UserError(f'{uri}: {_first_line(exc)}') from None
+        raise UserError(f'{uri}: {_first_line(exc)}') from None
 
 
 def push(folder: str | Path, repo_id: str, private: bool = False) -> str:
@@ -97,15 +97,15 @@ def push(folder: str | Path, repo_id: str, private: bool = False) -> str:
         api.create_repo(repo_id, private=private, exist_ok=True)
         api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message='Upload U-GAT-IT export')
     except errors.LocalTokenNotFoundError:
-        raise utils.UserError(f'cannot push to {repo_id}: not logged in; {LOGIN_HINT}') from None
+        raise UserError(f'cannot push to {repo_id}: not logged in; {LOGIN_HINT}') from None
     except errors.HfHubHTTPError as exc:
         status = getattr(getattr(exc, 'response', None), 'status_code', None)
         hint = f' ({LOGIN_HINT} with a token that may write there)' if status in (401, 403) else ''
-        raise utils.UserError(f'cannot push to {repo_id}: {_first_line(exc)}{hint}') from None
+        raise UserError(f'cannot push to {repo_id}: {_first_line(exc)}{hint}') from None
     except Exception as exc:
         if not _network_error(exc):
             raise
-        raise utils.UserError(f'cannot push to {repo_id}: cannot reach the Hugging Face Hub (no network?)') from None
+        raise UserError(f'cannot push to {repo_id}: cannot reach the Hugging Face Hub (no network?)') from None
     return f"{constants.ENDPOINT.rstrip('/')}/{repo_id}"
 
 

@@ -5,12 +5,15 @@ users' image files the same way, and none of them should need the training pipel
 """
 from __future__ import annotations
 
+import os
 import struct
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import cv2
 import numpy as np
+import torch
 from PIL import ExifTags, Image, ImageOps
 from tqdm import tqdm
 
@@ -144,3 +147,40 @@ def _readable_images(folder: Path) -> list[Path]:
     found, unreadable = scan_images(folder)
     bad = set(unreadable)
     return [p for p in found if p not in bad]
+
+
+# ----------------------------------------------------------------------------------------------
+# Image arrays: tensors to uint8 RGB, heatmaps, preview grids
+
+
+def tensor_to_uint8(image: torch.Tensor) -> np.ndarray:
+    """C×H×W tensor in [-1, 1] → H×W×3 RGB uint8."""
+    array = (image.detach().float().cpu().clamp(-1, 1) + 1) * 127.5
+    return array.round().byte().permute(1, 2, 0).numpy()
+
+
+def heatmap_to_uint8(heatmap: torch.Tensor, size: int | tuple[int, int]) -> np.ndarray:
+    """CAM heatmap (1×h×w) → JET-coloured RGB uint8 of size×size (or (width, height)), normalised by its range.
+
+    PT divides by the maximum only, which yields NaN for an all-zero map.
+    """
+    h = heatmap.detach().float().cpu()[0]
+    h = h - h.min()
+    peak = h.max()
+    h = h / peak if peak > 0 else h
+    gray = (h.numpy() * 255).astype(np.uint8)
+    gray = cv2.resize(gray, (size, size) if isinstance(size, int) else tuple(size))
+    return cv2.cvtColor(cv2.applyColorMap(gray, cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
+
+
+def grid(columns: list[list[np.ndarray]]) -> np.ndarray:
+    """Stack each column's tiles vertically, then the columns side by side (PT's preview layout)."""
+    return np.concatenate([np.concatenate(col, axis=0) for col in columns], axis=1)
+
+
+def save_rgb(path: str | os.PathLike, image: np.ndarray) -> None:
+    """Write an H×W×3 RGB uint8 array as an image file (PNG/JPEG by extension), creating folders."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(path), cv2.cvtColor(image, cv2.COLOR_RGB2BGR)):
+        raise OSError(f'could not write {path}')

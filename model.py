@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-import utils
+import images
 from networks import PT, Arch, Discriminator, GeneratorOutput, ResnetGenerator
 
 
@@ -198,11 +198,11 @@ class Translator:
         cyc = self.translate(fwd.image, backward)
         columns = []
         for i in range(len(real)):
-            col = [utils.tensor_to_uint8(real[i]),
-                   utils.heatmap_to_uint8(idt.heatmap[i], size), utils.tensor_to_uint8(idt.image[i]),
-                   utils.heatmap_to_uint8(fwd.heatmap[i], size), utils.tensor_to_uint8(fwd.image[i]),
-                   utils.heatmap_to_uint8(cyc.heatmap[i], size), utils.tensor_to_uint8(cyc.image[i])]
+            col = [images.tensor_to_uint8(real[i]),
+                   images.heatmap_to_uint8(idt.heatmap[i], size), images.tensor_to_uint8(idt.image[i]),
+                   images.heatmap_to_uint8(fwd.heatmap[i], size), images.tensor_to_uint8(fwd.image[i]),
+                   images.heatmap_to_uint8(cyc.heatmap[i], size), images.tensor_to_uint8(cyc.image[i])]
             if fwd.attention is not None:
-                col += [utils.heatmap_to_uint8(a[None], size) for a in fwd.attention[i]]
+                col += [images.heatmap_to_uint8(a[None], size) for a in fwd.attention[i]]
             columns.append(col)
         return columns

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 import dataset as data
-import utils
+import images
 from model import DIRECTIONS, Direction
 from run_folder import LOGS_DIR, METRICS_FILE, PREVIEWS_DIR
 
@@ -55,8 +55,8 @@ class TrainingMonitor:
         variants = [(False, '')] + ([(True, '_ema')] if ema else [])
         for d in DIRECTIONS:
             for use_ema, suffix in variants:
-                image = utils.grid(columns(self.samples[d.source], d, use_ema))
-                utils.save_rgb(self.img_dir / f'{d.name}{suffix}_{step:07d}.png', image)
+                image = images.grid(columns(self.samples[d.source], d, use_ema))
+                images.save_rgb(self.img_dir / f'{d.name}{suffix}_{step:07d}.png', image)
                 self.writer.add_image(f'preview/{d.name}{suffix}', image, step, dataformats='HWC')
 
     def metrics(self, step: int, results: dict[str, float], record: dict | None = None) -> None:

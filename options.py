@@ -11,9 +11,9 @@ import os
 import sys
 from pathlib import Path
 
+import errors
 import hub
 import presets
-import utils
 from config import Config
 from losses import GAN_TYPES, PENALTY_GAN_TYPES
 from model import ArchConfig
@@ -369,7 +369,7 @@ def validate(flags: argparse.Namespace, explicit: frozenset[str] = frozenset()) 
 
 
 def _fail(message: str) -> None:
-    raise utils.UserError(message)
+    raise errors.UserError(message)
 
 
 def _validate_schedule(cfg, fail) -> None:
@@ -508,9 +508,12 @@ def _validate_phase(cfg, fail) -> None:
         fail(f'--video_path: {cfg.video_path} is not a file')
     if cfg.video_path and cfg.phase == 'video_dir' and not Path(cfg.video_path).is_dir():
         fail(f'--video_path: {cfg.video_path} is not a folder')
-    if cfg.checkpoint and not hub.is_hub_uri(cfg.checkpoint) and not Path(cfg.checkpoint).is_file() \
-            and not Path(cfg.checkpoint, 'config.json').is_file():   # hf:// is fetched (and checked) on load
-        fail(f'--checkpoint: {cfg.checkpoint} is neither a checkpoint file nor an export folder (with config.json)')
+    local = cfg.checkpoint and not hub.is_hub_uri(cfg.checkpoint)   # hf:// is fetched (and checked) on load
+    if local and not Path(cfg.checkpoint).exists():
+        fail(f'--checkpoint: {cfg.checkpoint} not found')
+    if local and not Path(cfg.checkpoint).is_file() and not Path(cfg.checkpoint, 'config.json').is_file():
+        fail(f'--checkpoint: {cfg.checkpoint} is a folder without config.json: pass a checkpoint file or a folder '
+             f'written by scripts/export.py')
     if cfg.keep_size and cfg.phase in ('train', 'val'):
         fail(f'--keep_size applies to the translating phases (test, img_dir, generate, video, video_dir, camera), '
              f'not to --phase {cfg.phase}')

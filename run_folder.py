@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import checkpoints
-from errors import UnsafeCheckpoint, UserError
+from errors import UnreadableCheckpoint, UnsafeCheckpoint, UserError
 from model import ArchConfig
 
 LOCK_NAME = '.lock'
@@ -166,7 +166,7 @@ class RunFiles:
                 break
             try:
                 state = checkpoints.load_checkpoint(path)
-            except UnsafeCheckpoint as exc:
+            except (UnsafeCheckpoint, UnreadableCheckpoint) as exc:
                 warn(f'skipping {exc}')
                 continue
             except Exception as exc:  # noqa: BLE001 - any unreadable file is skipped, not fatal

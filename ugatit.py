@@ -30,6 +30,7 @@ from torch import nn
 
 import augment
 import dataset as data
+import images
 import losses as L
 import utils
 from checkpoints import PT_KEYS, TRAINING_FORMAT, load_module, state_nbytes
@@ -363,7 +364,7 @@ class UGATIT:
         if self.face_masking is not None:
             masks = self.face_masking.segmenter(real.to(self.device))
             for col, mask in zip(columns, masks.eroded):
-                col.insert(7, utils.tensor_to_uint8(mask.expand(3, -1, -1) * 2 - 1))
+                col.insert(7, images.tensor_to_uint8(mask.expand(3, -1, -1) * 2 - 1))
         return columns
 
     def scalars(self, step: int) -> dict[str, float]:

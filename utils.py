@@ -1,8 +1,8 @@
-"""Small shared pieces: seeding and RNG state, EMA, autocast, file sizes and hashes, image grids and heatmaps.
+"""Small shared pieces: seeding and RNG state, EMA, autocast, file sizes and hashes, plain config values.
 
 Everything with a concern of its own lives in its own module: errors (``errors.py``), torchrun and
 DDP (``distributed.py``), stop signals (``signals.py``), checkpoint I/O (``checkpoints.py``), the run
-folder (``run_folder.py``), the loss meter (``training_loop.py``).
+folder (``run_folder.py``), the loss meter (``training_loop.py``), image arrays (``images.py``).
 """
 from __future__ import annotations
 
@@ -14,12 +14,9 @@ import random
 from collections.abc import Mapping
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 from torch import nn
-
-from errors import UserError  # noqa: F401 - callers still say utils.UserError (moved to errors.py)
 
 # ----------------------------------------------------------------------------------------------
 # Seeding and RNG state
@@ -130,43 +127,6 @@ def file_report(paths: list[Path]) -> list[str]:
     """One line per file: name, size and sha256 (for release notes and download checks)."""
     width = max(len(p.name) for p in paths)
     return [f'{p.name:<{width}}  {human_size(p.stat().st_size):>10}  sha256 {file_sha256(p)}' for p in paths]
-
-
-# ----------------------------------------------------------------------------------------------
-# Images
-
-
-def tensor_to_uint8(image: torch.Tensor) -> np.ndarray:
-    """C×H×W tensor in [-1, 1] → H×W×3 RGB uint8."""
-    array = (image.detach().float().cpu().clamp(-1, 1) + 1) * 127.5
-    return array.round().byte().permute(1, 2, 0).numpy()
-
-
-def heatmap_to_uint8(heatmap: torch.Tensor, size: int | tuple[int, int]) -> np.ndarray:
-    """CAM heatmap (1×h×w) → JET-coloured RGB uint8 of size×size (or (width, height)), normalised by its range.
-
-    PT divides by the maximum only, which yields NaN for an all-zero map.
-    """
-    h = heatmap.detach().float().cpu()[0]
-    h = h - h.min()
-    peak = h.max()
-    h = h / peak if peak > 0 else h
-    gray = (h.numpy() * 255).astype(np.uint8)
-    gray = cv2.resize(gray, (size, size) if isinstance(size, int) else tuple(size))
-    return cv2.cvtColor(cv2.applyColorMap(gray, cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
-
-
-def grid(columns: list[list[np.ndarray]]) -> np.ndarray:
-    """Stack each column's tiles vertically, then the columns side by side (PT's preview layout)."""
-    return np.concatenate([np.concatenate(col, axis=0) for col in columns], axis=1)
-
-
-def save_rgb(path: str | os.PathLike, image: np.ndarray) -> None:
-    """Write an H×W×3 RGB uint8 array as an image file (PNG/JPEG by extension), creating folders."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not cv2.imwrite(str(path), cv2.cvtColor(image, cv2.COLOR_RGB2BGR)):
-        raise OSError(f'could not write {path}')
 
 
 def config_to_dict(cfg) -> dict:

@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 
 import dataset as data
+import errors
 import images
 import options
-import utils
 from checkpoints import CONFIG_NAME
 from model import DIRECTIONS, ArchConfig, Translator
 
@@ -92,7 +92,7 @@ def samples_root(options_samples: Path | None, config: Mapping) -> Path | None:
     """--samples, else the training dataset when its test folders are on this machine."""
     if options_samples is not None:
         if not _has_test_images(Path(options_samples)):
-            raise utils.UserError(f'--samples {options_samples}: needs testA/ and testB/ folders of images')
+            raise errors.UserError(f'--samples {options_samples}: needs testA/ and testB/ folders of images')
         return Path(options_samples)
     root = config.get('dataset_root')
     return Path(root) if root and _has_test_images(Path(root)) else None
@@ -141,7 +141,7 @@ def samples_grid(translator: Translator, root: Path, n: int = SAMPLES) -> np.nda
     for d in DIRECTIONS:
         real = batches[d.source][:columns]
         fake = translator.translate(real, d.name).image
-        rows += [[utils.tensor_to_uint8(t) for t in real], [utils.tensor_to_uint8(t) for t in fake]]
+        rows += [[images.tensor_to_uint8(t) for t in real], [images.tensor_to_uint8(t) for t in fake]]
     return np.concatenate([np.concatenate(row, axis=1) for row in rows], axis=0)
 
 
@@ -300,7 +300,7 @@ def write_card(folder: str | Path, translator: Translator, opts: CardOptions, ru
     samples_path = folder / SAMPLES_NAME
     samples_path.unlink(missing_ok=True)   # never a stale grid of earlier weights
     if samples is not None:
-        utils.save_rgb(samples_path, samples_grid(translator, samples))
+        images.save_rgb(samples_path, samples_grid(translator, samples))
         written.append(samples_path)
     location = f'hf://{opts.repo_id}' if opts.repo_id else THIS_FOLDER
     card = folder / CARD_NAME

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-import utils
+import errors
 from model import ArchConfig
 from networks import mlp_pool_size
 
@@ -54,7 +54,7 @@ def export_onnx(generator: nn.Module, path: str | Path, arch: ArchConfig) -> lis
         try:
             __import__(module)
         except ImportError:
-            raise utils.UserError(f'ONNX export needs the {module} package: pip install -r '
+            raise errors.UserError(f'ONNX export needs the {module} package: pip install -r '
                                   f'requirements-extras.txt') from None
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 import checkpoints
 import dataset as data
+import errors
 import hub
 import images
 import model
@@ -96,7 +97,7 @@ def find_checkpoint(cfg: Config) -> Path | str:
     root = _dataset_root(cfg)
     found = files.newest(accept=lambda state: same_dataset(state, root))
     if found is None:
-        raise utils.UserError(f'no checkpoint found in {files.model_dir} or {files.latest_path}: train first '
+        raise errors.UserError(f'no checkpoint found in {files.model_dir} or {files.latest_path}: train first '
                               f'(--phase train) or pass --checkpoint FILE')
     return found.path
 
@@ -108,7 +109,7 @@ def load(cfg: Config) -> Inference:
                                                     compile=cfg.performance.compile)
     translator.autocast = lambda: utils.autocast(cfg.performance.amp, translator.device.type)
     if cfg.inference.no_ema and state['uses_ema']:
-        raise utils.UserError(f'--no_ema: {path} holds only the EMA generators (an export); export the raw ones '
+        raise errors.UserError(f'--no_ema: {path} holds only the EMA generators (an export); export the raw ones '
                               f'with scripts/export.py --no_ema, or pass the training checkpoint')
     if cfg.inference.keep_size:
         sizing.check_keep_size(translator.arch)
@@ -172,7 +173,7 @@ def _translate_tree(job: Inference, folder: Path, out: Path, direction: str) -> 
         fakes = job.translate(batch, direction)
         for name, fake in zip(names, fakes):
             target = out / f'{name}.png'
-            utils.save_rgb(target, utils.tensor_to_uint8(fake))
+            images.save_rgb(target, images.tensor_to_uint8(fake))
             written.append((name, sources[name], target))
     return written
 
@@ -180,7 +181,7 @@ def _translate_tree(job: Inference, folder: Path, out: Path, direction: str) -> 
 def _translate_file_at_own_size(job: Inference, source: Path, target: Path, direction: str) -> Path:
     translation, _ = sizing.translate_image(job.translator, images.load_rgb(source), direction, keep_size=True,
                                             max_size=job.cfg.inference.max_size)
-    utils.save_rgb(target, translation)
+    images.save_rgb(target, translation)
     return target
 
 
@@ -190,7 +191,7 @@ def _write_strips(job: Inference, folder: Path, strips_dir: Path, direction: str
                                     num_workers=min(job.cfg.run.num_workers, 2))
     for batch, names in loader:
         for name, column in zip(names, job.translator.visual_columns(batch, direction)):
-            utils.save_rgb(strips_dir / f'{name}.png', utils.grid([column]))
+            images.save_rgb(strips_dir / f'{name}.png', images.grid([column]))
 
 
 def _note_non_square(sources: list[Path], img_size: int) -> None:
@@ -261,7 +262,7 @@ def frame_translator(job: Inference) -> Callable[[np.ndarray], np.ndarray]:
     def translate_square(rgb: np.ndarray) -> np.ndarray:
         x = cv2.resize(rgb, (size, size), interpolation=cv2.INTER_AREA)
         tensor = torch.from_numpy(x).permute(2, 0, 1).float().div(127.5).sub(1).unsqueeze(0)
-        return utils.tensor_to_uint8(job.translate(tensor, cfg.inference.direction)[0])
+        return images.tensor_to_uint8(job.translate(tensor, cfg.inference.direction)[0])
 
     def translate_own_size(rgb: np.ndarray) -> np.ndarray:
         return sizing.translate_image(job.translator, Image.fromarray(rgb), cfg.inference.direction, keep_size=True,
@@ -313,7 +314,7 @@ def _translate_photos(job: Inference, folder: Path, out: Path) -> None:
         if job.cfg.inference.align_faces and not job.aligner.faces_found:
             tqdm.write(f'note: no face found in {path}; copied unchanged', file=sys.stderr)
             faceless += 1
-        utils.save_rgb(out / f'{name}.png', result)
+        images.save_rgb(out / f'{name}.png', result)
         written += 1
     extra = f', {faceless} without a face' if job.cfg.inference.align_faces else ''
     print(f'wrote {written} images to {out}{extra}, {unreadable} unreadable skipped', file=sys.stderr)
@@ -325,7 +326,7 @@ def translate_video(job: Inference, path: Path, out_dir: Path) -> Path:
     translate = frame_translator(job)
     target = out_dir / f'{path.stem}_{job.cfg.inference.direction}.mp4'
     if not video_io.convert(path, target, lambda rgb: np.concatenate([rgb, translate(rgb)], axis=1)):
-        raise utils.UserError(f'{path} has no readable frames')
+        raise errors.UserError(f'{path} has no readable frames')
     return target
 
 
@@ -338,7 +339,7 @@ def video_dir(job: Inference) -> None:
     folder = Path(job.cfg.inference.video_path)
     videos = sorted(p for p in folder.rglob('*') if p.suffix.lower() in VIDEO_EXTENSIONS)
     if not videos:
-        raise utils.UserError(f'no videos ({", ".join(VIDEO_EXTENSIONS)}) in {folder}')
+        raise errors.UserError(f'no videos ({", ".join(VIDEO_EXTENSIONS)}) in {folder}')
     for path in videos:
         print(f'wrote {translate_video(job, path, _video_out(job))}', file=sys.stderr)
 
@@ -351,7 +352,7 @@ def camera(job: Inference) -> None:
     """Webcam preview (original | translation); press q or Esc to quit."""
     capture = cv2.VideoCapture(job.cfg.inference.camera_id)
     if not capture.isOpened():
-        raise utils.UserError(f'no camera at index {job.cfg.inference.camera_id} (is a webcam connected? try '
+        raise errors.UserError(f'no camera at index {job.cfg.inference.camera_id} (is a webcam connected? try '
                               f'--camera_id)')
     translate = frame_translator(job)
     try:
@@ -364,7 +365,7 @@ def camera(job: Inference) -> None:
             try:
                 cv2.imshow('U-GAT-IT', cv2.cvtColor(both, cv2.COLOR_RGB2BGR))
             except cv2.error:
-                raise utils.UserError('this OpenCV build cannot open windows (opencv-python-headless): '
+                raise errors.UserError('this OpenCV build cannot open windows (opencv-python-headless): '
                                       'pip install opencv-python for --phase camera') from None
             if cv2.waitKey(1) & 0xFF in (ord('q'), 27):
                 break

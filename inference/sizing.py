@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import utils
+import errors
+import images
 from dataset import test_transform
 from model import ArchConfig
 from networks import GeneratorOutput
@@ -38,7 +39,7 @@ def check_keep_size(arch: ArchConfig) -> None:
     """A one-line UserError for models that cannot translate other sizes, saying why."""
     if arch.is_full:
         size = arch.img_size
-        raise utils.UserError(
+        raise errors.UserError(
             f'--keep_size needs a light model: this full model flattens its {size // 4}x{size // 4} feature map '
             f'into the gamma/beta MLP, so it only translates {size}x{size} images (drop --keep_size, or train '
             f'with --light True)')
@@ -67,7 +68,7 @@ def translate_any_size(translator: Translates, images: torch.Tensor, direction: 
     """
     height, width = images.shape[-2:]
     if min(height, width) < MIN_SIDE:
-        raise utils.UserError(f'image of {width}x{height} pixels is too small to translate at its own size '
+        raise errors.UserError(f'image of {width}x{height} pixels is too small to translate at its own size '
                               f'(needs at least {MIN_SIDE} per side)')
     pad_h, pad_w = -height % MULTIPLE, -width % MULTIPLE
     padded = F.pad(images, (0, pad_w, 0, pad_h), mode='reflect') if pad_h or pad_w else images
@@ -88,11 +89,11 @@ def translate_image(translator: Translates, image: Image.Image, direction: str, 
     if not keep_size:
         size = translator.arch.img_size
         out = translator.translate(test_transform(size)(image.convert('RGB')).unsqueeze(0), direction)
-        return utils.tensor_to_uint8(out.image[0]), utils.heatmap_to_uint8(out.heatmap[0], (size, size))
+        return images.tensor_to_uint8(out.image[0]), images.heatmap_to_uint8(out.heatmap[0], (size, size))
     check_keep_size(translator.arch)
     work = fit_max_size(image.convert('RGB'), max_size)
     out = translate_any_size(translator, to_tensor(work), direction)
-    translation = utils.tensor_to_uint8(out.image[0])
+    translation = images.tensor_to_uint8(out.image[0])
     if work.size != image.size:
         translation = np.asarray(Image.fromarray(translation).resize(image.size, Image.Resampling.BICUBIC))
-    return translation, utils.heatmap_to_uint8(out.heatmap[0], image.size)
+    return translation, images.heatmap_to_uint8(out.heatmap[0], image.size)

@@ -23,7 +23,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-import utils
+import errors
 
 try:
     import av
@@ -68,10 +68,10 @@ def _convert_pyav(source: Path, target: Path, process: FrameFunction) -> int:
     try:
         container = av.open(str(source))
     except (av.FFmpegError, OSError) as exc:
-        raise utils.UserError(f'cannot open video {source} ({exc})') from None
+        raise errors.UserError(f'cannot open video {source} ({exc})') from None
     with container:
         if not container.streams.video:
-            raise utils.UserError(f'{source} has no video stream')
+            raise errors.UserError(f'{source} has no video stream')
         video_in = container.streams.video[0]
         video_in.thread_type = 'AUTO'
         audio_in = container.streams.audio[0] if container.streams.audio else None
@@ -100,7 +100,7 @@ def _demuxed(container: av.container.InputContainer, video_in: av.video.stream.V
             else:
                 yield from packet.decode()
     except av.FFmpegError as exc:
-        raise utils.UserError(f'cannot decode {container.name} ({exc})') from None
+        raise errors.UserError(f'cannot decode {container.name} ({exc})') from None
 
 
 def upright(frame: av.VideoFrame) -> np.ndarray:
@@ -218,7 +218,7 @@ def _even_sized(rgb: np.ndarray) -> np.ndarray:
 def _convert_opencv(source: Path, target: Path, process: FrameFunction) -> int:
     reader = cv2.VideoCapture(str(source))   # turns frames upright itself (CAP_PROP_ORIENTATION_AUTO)
     if not reader.isOpened():
-        raise utils.UserError(f'cannot open video {source} (unsupported format or codec?)')
+        raise errors.UserError(f'cannot open video {source} (unsupported format or codec?)')
     fps = reader.get(cv2.CAP_PROP_FPS) or DEFAULT_FPS
     claimed = int(reader.get(cv2.CAP_PROP_FRAME_COUNT)) or None   # for the progress bar only
     writer, frames = None, 0

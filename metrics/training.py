@@ -24,7 +24,7 @@ RESIZE_MODE = 'real: PIL bilinear to img_size; fake: generator output at img_siz
 
 
 def quantise(images: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] images → the [0, 1] values their 8-bit PNGs decode to (utils.tensor_to_uint8's rounding)."""
+    """[-1, 1] images → the [0, 1] values their 8-bit PNGs decode to (images.tensor_to_uint8's rounding)."""
     return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round() / 255.0
 
 

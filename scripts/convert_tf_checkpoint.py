@@ -38,6 +38,7 @@ if __package__ in (None, ''):  # run as a file: make the repository root importa
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import checkpoints  # noqa: E402
+import errors  # noqa: E402
 import options  # noqa: E402
 import utils  # noqa: E402
 from checkpoints import TRAINING_FORMAT  # noqa: E402
@@ -166,31 +167,31 @@ def infer_arch(shapes: dict[str, tuple[int, ...]], smoothing: bool = True, img_s
     """The architecture config of a TF U-GAT-IT checkpoint from its variable names and shapes."""
     generator = _scope(shapes, GENERATORS['genA2B'])
     if not generator or not _scope(shapes, GENERATORS['genB2A']):
-        raise utils.UserError('not a U-GAT-IT checkpoint: it has no generator_A/generator_B variables')
+        raise errors.UserError('not a U-GAT-IT checkpoint: it has no generator_A/generator_B variables')
     try:
         _, _, img_ch, ch = generator['conv/conv2d/kernel']
         mlp_in, mlp_width = generator['MLP/linear_0/dense/kernel']
     except KeyError as exc:
-        raise utils.UserError(f'generator_B has no {exc.args[0]}: not an official U-GAT-IT checkpoint') from None
+        raise errors.UserError(f'generator_B has no {exc.args[0]}: not an official U-GAT-IT checkpoint') from None
     if img_ch != 3:
-        raise utils.UserError(f'the checkpoint takes {img_ch}-channel images; only RGB (3) is supported')
+        raise errors.UserError(f'the checkpoint takes {img_ch}-channel images; only RGB (3) is supported')
     dim = 4 * ch
     n_res = _count(generator, r'resblock_(\d+)/')
     light = mlp_in == dim
     if not light:
         side = int(round((mlp_in / dim) ** 0.5))
         if side * side * dim != mlp_in:
-            raise utils.UserError(f'MLP/linear_0 has {mlp_in} inputs, which fits neither a light nor a full model '
+            raise errors.UserError(f'MLP/linear_0 has {mlp_in} inputs, which fits neither a light nor a full model '
                                   f'with ch {ch}')
         if img_size is not None and img_size != 4 * side:
-            raise utils.UserError(f'--img_size {img_size}: this full model was trained at {4 * side} px')
+            raise errors.UserError(f'--img_size {img_size}: this full model was trained at {4 * side} px')
         img_size = 4 * side
     arch = {'arch': 'tf', 'tf_graph': '2019' if 'CAM_logit/dense/kernel' in generator else 'current',
             'smoothing': smoothing, 'light': light, 'ch': ch, 'n_res': n_res, 'img_size': img_size or 256,
             'img_ch': 3, 'use_se': False, 'attention_gan': 0, 'attention_input': False, 'use_deconv': False,
             'cam_D_attention': True, 'cam_D_weight': 1.0, 'use_grouploss': False, 'groups': None}
     if mlp_width != ch * n_res or n_res != 4:
-        raise utils.UserError(f'the checkpoint has {n_res} residual blocks and an MLP {mlp_width} wide; the official '
+        raise errors.UserError(f'the checkpoint has {n_res} residual blocks and an MLP {mlp_width} wide; the official '
                               f'TF graph only builds with 4 (MLP width ch*n_res = 4*ch)')
     arch.update(_infer_critics(shapes))
     return arch
@@ -202,7 +203,7 @@ def _infer_critics(shapes: dict[str, tuple]) -> dict:
     if not present:
         return {'sn': True, 'n_global_dis': 7, 'n_local_dis': 5, 'n_dis': 6, 'has_discriminators': False}
     if len(present) == 1:
-        raise utils.UserError(f'the checkpoint has discriminator_{present[0]} but not the other one')
+        raise errors.UserError(f'the checkpoint has discriminator_{present[0]} but not the other one')
     critic = _scope(shapes, 'discriminator_A')
     n_global = _count(critic, r'global/conv_(\d+)/') + 2
     n_local = _count(critic, r'local/conv_(\d+)/') + 2
@@ -236,7 +237,7 @@ def check_variables(names: list[str], nets: dict[str, tuple[str, list[Rule]]]) -
             parts.append(f'{len(unknown)} unknown variable(s): {", ".join(unknown)}')
         if missing:
             parts.append(f'{len(missing)} missing variable(s): {", ".join(missing)}')
-        raise utils.UserError('not an official U-GAT-IT checkpoint of a known graph version: ' + '; '.join(parts))
+        raise errors.UserError('not an official U-GAT-IT checkpoint of a known graph version: ' + '; '.join(parts))
 
 
 def _power_iteration_v(state: dict[str, torch.Tensor]) -> None:
@@ -259,7 +260,7 @@ def convert_network(ckpt: TFCheckpoint, scope: str, rules: list[Rule], expected:
                            f'{sorted(set(state) ^ set(expected))}')   # a bug here, not a user error
     for key, shape in expected.items():
         if tuple(state[key].shape) != shape:
-            raise utils.UserError(f'{scope}: {key} has shape {tuple(state[key].shape)}, the model needs {shape}')
+            raise errors.UserError(f'{scope}: {key} has shape {tuple(state[key].shape)}, the model needs {shape}')
     return {key: state[key] for key in expected}
 
 
@@ -380,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
         written = write_export(state, args) if args.export else []
         if args.output:
             checkpoints.atomic_save(state, args.output)
-    except (utils.UserError, CheckpointError, OSError) as exc:
+    except (errors.UserError, CheckpointError, OSError) as exc:
         print(f'error: {exc}', file=sys.stderr)
         return 2
     target = args.export or args.output
@@ -393,12 +394,12 @@ def main(argv: list[str] | None = None) -> int:
 def check_args(args: argparse.Namespace) -> None:
     """Exactly one of OUT.pt and --export; the export's own flags only with it."""
     if (args.output is None) == (args.export is None):
-        raise utils.UserError('give exactly one of OUT.pt (a checkpoint to fine-tune or translate with) and '
+        raise errors.UserError('give exactly one of OUT.pt (a checkpoint to fine-tune or translate with) and '
                               '--export DIR (a folder to share)')
     if args.export is None and (args.onnx or args.license or args.samples):
-        raise utils.UserError('--onnx, --license and --samples describe an export: add --export DIR')
+        raise errors.UserError('--onnx, --license and --samples describe an export: add --export DIR')
     if args.img_size is not None and (args.img_size < 4 or args.img_size % 4):
-        raise utils.UserError(f'--img_size must be a positive multiple of 4, got {args.img_size}')
+        raise errors.UserError(f'--img_size must be a positive multiple of 4, got {args.img_size}')
 
 
 def write_export(state: dict, args: argparse.Namespace) -> list[Path]:

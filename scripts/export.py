@@ -20,6 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import checkpoints  # noqa: E402
+import errors  # noqa: E402
 import hub  # noqa: E402
 import options  # noqa: E402
 import utils  # noqa: E402
@@ -73,7 +74,7 @@ def write_folder(translator: Translator, state: dict, out: Path, *, source: str 
                  run_dir: Path | None = None) -> list[Path]:
     """Config, weights (and ONNX graphs), then the card written from the folder as a reader loads it."""
     if out.exists() and any(out.iterdir()) and not checkpoints.is_export(out):
-        raise utils.UserError(f'--out {out} exists and is not an export folder; choose a new or empty folder')
+        raise errors.UserError(f'--out {out} exists and is not an export folder; choose a new or empty folder')
     paths = checkpoints.write_export(translator.generators, translator.arch, out, fp16=fp16,
                                      metadata=export_metadata(state, source))
     if onnx:
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = build_parser().parse_known_args(argv)
     try:
         if args.private and not args.push_to_hub:
-            raise utils.UserError('--private applies to --push_to_hub OWNER/NAME; add that, or drop --private')
+            raise errors.UserError('--private applies to --push_to_hub OWNER/NAME; add that, or drop --private')
         if args.push_to_hub:   # a name the Hub rejects fails before the export is written
             hub.check_repo_id(args.push_to_hub, f'--push_to_hub {args.push_to_hub}')
         paths = export(args, rest)
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f'  {line}')
         if args.push_to_hub:
             print(f'pushed to {hub.push(args.out, args.push_to_hub, private=args.private)}')
-    except utils.UserError as exc:
+    except errors.UserError as exc:
         print(f'error: {exc}', file=sys.stderr)
         return 2
     return 0

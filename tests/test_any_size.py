@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import utils
+import errors
+import images
 from inference import sizing
 from model import ArchConfig, Translator
 from networks import ResnetGenerator
@@ -63,7 +64,7 @@ def test_en_pooled_light_model_keeps_size_too():
 
 @pytest.mark.parametrize('light', [False, -1])
 def test_full_model_refuses_keep_size_in_one_line(light):
-    with pytest.raises(utils.UserError) as err:
+    with pytest.raises(errors.UserError) as err:
         sizing.translate_image(translator(light=light), photo(40, 40), 'A2B', keep_size=True)
     message = str(err.value)
     assert 'full model' in message and '32x32' in message and '\n' not in message
@@ -76,9 +77,9 @@ def test_without_keep_size_the_test_transform_is_used():
     translation, heatmap = sizing.translate_image(model, image, 'A2B', keep_size=False)
     expected = model.translate(test_transform(32)(image).unsqueeze(0), 'A2B').image[0]
     assert translation.shape == heatmap.shape == (32, 32, 3)
-    assert np.array_equal(translation, utils.tensor_to_uint8(expected))
+    assert np.array_equal(translation, images.tensor_to_uint8(expected))
 
 
 def test_too_small_images_are_a_user_error():
-    with pytest.raises(utils.UserError, match='too small'):
+    with pytest.raises(errors.UserError, match='too small'):
         sizing.translate_image(translator(), photo(6, 30), 'A2B', keep_size=True)

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from conftest import tiny_flags
 
+import errors
 import main
-import utils
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -79,7 +79,7 @@ def test_missing_dataset_and_missing_checkpoint_are_one_line_errors(tmp_path, ti
 
 
 def test_img_size_error_suggests_shallower_discriminator(tiny_dataset):
-    with pytest.raises(utils.UserError, match='--n_global_dis'):
+    with pytest.raises(errors.UserError, match='--n_global_dis'):
         main.parse_args(['--dataset', str(tiny_dataset), '--img_size', '64', '--device', 'cpu'])
 
 

@@ -15,8 +15,8 @@ import torch
 from PIL import Image
 
 import dataset as ds
+import errors
 import images
-import utils
 
 # Distinct solid colours: a solid image stays solid under flips and crops, so its colour tells which
 # source image a training sample came from.
@@ -414,7 +414,7 @@ def test_too_many_unreadable_images_stop_the_stream_in_one_line(tmp_path: Path) 
     with pytest.raises(ds.TooManyUnreadable) as raised:
         take(stream, 20)
     message = str(raised.value)
-    assert '\n' not in message and isinstance(raised.value, utils.UserError)
+    assert '\n' not in message and isinstance(raised.value, errors.UserError)
     assert '2 of 10 images in' in message and 'a0.png, a1.png' in message and '10%' in message
     solid(tmp_path / 'trainA' / 'a1.png', (1, 2, 3))
     break_file(tmp_path / 'trainA' / 'a2.png')

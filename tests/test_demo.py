@@ -13,6 +13,7 @@ import torch
 from conftest import make_dataset, tiny_flags
 from PIL import Image
 
+import errors
 import main
 from scripts import browser
 
@@ -108,9 +109,8 @@ def _not_an_image(tmp_path: Path) -> Path:
 def test_a_file_that_is_not_an_image_is_one_line(demo_model, tmp_path):
     import gradio as gr
 
-    import utils
     path = _not_an_image(tmp_path)
-    with pytest.raises(utils.UserError) as caught:
+    with pytest.raises(errors.UserError) as caught:
         demo_model.translate(str(path), 'A2B', False)
     assert str(caught.value) == 'not an image: notes.txt (no image format recognises it)'
     with pytest.raises(gr.Error) as shown:   # what the page shows
@@ -119,11 +119,10 @@ def test_a_file_that_is_not_an_image_is_one_line(demo_model, tmp_path):
 
 
 def test_a_truncated_image_is_one_line(demo_model, tmp_path):
-    import utils
     whole = _photo(tmp_path / 'whole.png', 40, 30)
     cut = tmp_path / 'cut.png'
     cut.write_bytes(whole.read_bytes()[:200])
-    with pytest.raises(utils.UserError, match=r'^not a readable image: cut\.png \('):
+    with pytest.raises(errors.UserError, match=r'^not a readable image: cut\.png \('):
         demo_model.translate(str(cut), 'A2B', False)
 
 
@@ -134,11 +133,10 @@ def test_a_truncated_image_is_one_line(demo_model, tmp_path):
 def test_a_decompression_bomb_is_one_line(demo_model, tmp_path, width, height, megapixels):
     import gradio as gr
 
-    import utils
     limit = f'{Image.MAX_IMAGE_PIXELS / 1e6:.1f}'
     bomb = _png_header_only(tmp_path / 'bomb.png', width, height)
     expected = f'bomb.png: {megapixels} megapixels, above the limit of {limit} megapixels; upload a smaller image'
-    with pytest.raises(utils.UserError) as caught:
+    with pytest.raises(errors.UserError) as caught:
         demo_model.translate(str(bomb), 'A2B', False)
     assert str(caught.value) == expected
     with pytest.raises(gr.Error) as shown:

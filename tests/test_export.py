@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import checkpoints
+import errors
 import utils
 from inference.onnx import export_onnx
 from model import DIRECTIONS, ArchConfig
@@ -131,12 +132,11 @@ def test_export_files_follow_the_umask(tmp_path, umask, mode):
 
 
 def test_read_export_errors_are_one_line(tmp_path):
-    import utils
     (tmp_path / 'config.json').write_text('{"format": "something-else"}')
-    with pytest.raises(utils.UserError, match='not a U-GAT-IT export'):
+    with pytest.raises(errors.UserError, match='not a U-GAT-IT export'):
         checkpoints.read_export(tmp_path)
     (tmp_path / 'config.json').write_text(json.dumps({'format': checkpoints.EXPORT_FORMAT}))
-    with pytest.raises(utils.UserError, match='A2B.safetensors'):
+    with pytest.raises(errors.UserError, match='A2B.safetensors'):
         checkpoints.read_export(tmp_path)
 
 

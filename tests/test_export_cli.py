@@ -15,6 +15,7 @@ from conftest import make_domain, tiny_flags
 from PIL import Image
 
 import checkpoints
+import errors
 import main
 import model
 from inference import model_card
@@ -394,7 +395,6 @@ def test_keep_size_with_a_full_model_is_a_one_line_error(trained, tmp_path, caps
     (('--phase', 'img_dir', '--img_dir', '.', '--max_size', '100'), '--keep_size True'),
 ])
 def test_keep_size_flag_combinations_are_checked(trained, tmp_path, flags, message):
-    import utils
     data, _ = trained
-    with pytest.raises(utils.UserError, match=message):
+    with pytest.raises(errors.UserError, match=message):
         main.parse_args(tiny_flags(data, tmp_path, *flags))

@@ -152,7 +152,7 @@ def test_test_phase_uses_ema_weights_unless_no_ema(tiny_dataset, tmp_path):
     from dataset import build_test_loader
     translator, _ = load_translator(out / 'tiny' / 'model' / 'tiny_params_0000003.pt', use_ema=True)
     images, names = next(iter(build_test_loader(tiny_dataset / 'testA', 32)))
-    expected = utils.tensor_to_uint8(translator.translate(images, 'A2B').image[0])
+    expected = images.tensor_to_uint8(translator.translate(images, 'A2B').image[0])
     assert names == ['img0']
     np.testing.assert_array_equal(cv2.cvtColor(ema_img, cv2.COLOR_BGR2RGB), expected)
 

@@ -15,7 +15,7 @@ from PIL import Image
 
 import checkpoints
 import main
-import utils
+from errors import UserError
 from scripts import export as export_cli
 
 hf = pytest.importorskip('huggingface_hub', reason='needs huggingface_hub: pip install -r requirements-extras.txt')
@@ -124,10 +124,10 @@ def test_a_repository_that_is_not_an_export_is_one_line(exported, tmp_path, monk
 
 
 def test_bad_names_and_a_missing_library_are_one_line(monkeypatch):
-    with pytest.raises(utils.UserError, match='expected hf://OWNER/NAME'):
+    with pytest.raises(UserError, match='expected hf://OWNER/NAME'):
         checkpoints.resolve_location('hf://just-a-name')
     monkeypatch.setitem(sys.modules, 'huggingface_hub', None)   # import fails as when not installed
-    with pytest.raises(utils.UserError, match='pip install -r requirements-extras.txt'):
+    with pytest.raises(UserError, match='pip install -r requirements-extras.txt'):
         checkpoints.resolve_location('hf://someone/tiny-model')
 
 

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+import errors
 import main
 import presets
 
@@ -39,8 +40,7 @@ def test_paper_presets_differ_only_in_light():
 
 
 def test_preset_validation_still_applies(tiny_dataset):
-    import utils
-    with pytest.raises(utils.UserError, match='--face_distance_weight needs FaceNet weights'):
+    with pytest.raises(errors.UserError, match='--face_distance_weight needs FaceNet weights'):
         main.parse_args(['--preset', 'facenet', '--dataset', str(tiny_dataset), '--device', 'cpu'])
 
 

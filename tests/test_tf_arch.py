@@ -12,12 +12,12 @@ import torch
 from conftest import random_batches, tiny_flags, tiny_trainer
 
 import checkpoints
+import errors
 import main
 import networks as N
 import run_folder
 import tf_checkpoint as T
 import training_loop
-import utils
 from model import ArchConfig, build_critic, build_generator
 from scripts import convert_tf_checkpoint as C
 
@@ -317,7 +317,7 @@ def test_unknown_and_missing_variables_are_listed_in_one_error(tmp_path):
     del tensors['generator_B/up_conv_1/conv2d/bias']
     del tensors['discriminator_A/local/D_logit/u']
     T.write_checkpoint(tmp_path / 'UGATIT.model-5', tensors)
-    with pytest.raises(utils.UserError) as error:
+    with pytest.raises(errors.UserError) as error:
         C.convert(tmp_path, img_size=64)
     message = str(error.value)
     assert '1 unknown variable(s): generator_A/extra_layer/kernel' in message
@@ -327,9 +327,9 @@ def test_unknown_and_missing_variables_are_listed_in_one_error(tmp_path):
 
 def test_not_a_ugatit_checkpoint(tmp_path):
     T.write_checkpoint(tmp_path / 'other-1', {'dense/kernel': np.zeros((2, 2), np.float32)})
-    with pytest.raises(utils.UserError, match='no generator_A/generator_B'):
+    with pytest.raises(errors.UserError, match='no generator_A/generator_B'):
         C.convert(tmp_path)
-    with pytest.raises(utils.UserError, match='trained at 64 px'):
+    with pytest.raises(errors.UserError, match='trained at 64 px'):
         C.convert(DATA / 'tf_2019_full64' / 'ckpt', img_size=256)
 
 

@@ -9,9 +9,9 @@ import torch
 from conftest import make_dataset, random_batches, tiny_flags, tiny_trainer, train_stream
 
 import checkpoints
+import errors
 import main
 import training_loop
-import utils
 
 
 def _copy(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -154,7 +154,7 @@ def test_paired_training_rejects_mismatched_stems(paired_dataset, tmp_path, caps
     (('--gan_type', 'hinge2'), 'invalid choice'),
 ])
 def test_bad_tf_training_flags_are_one_line_errors(tiny_dataset, tmp_path, capsys, bad, message):
-    with pytest.raises(SystemExit) if bad[0] == '--gan_type' else pytest.raises(utils.UserError, match=message):
+    with pytest.raises(SystemExit) if bad[0] == '--gan_type' else pytest.raises(errors.UserError, match=message):
         main.parse_args(tiny_flags(tiny_dataset, tmp_path / 'r', *bad))
     if bad[0] == '--gan_type':
         assert message in capsys.readouterr().err
@@ -163,7 +163,7 @@ def test_bad_tf_training_flags_are_one_line_errors(tiny_dataset, tmp_path, capsy
 def test_penalty_with_d_cam_masks_is_rejected(tiny_dataset, tmp_path):
     weights = tmp_path / 'bisenet.pth'
     weights.write_bytes(b'')
-    with pytest.raises(utils.UserError, match='--seg_D_cam'):
+    with pytest.raises(errors.UserError, match='--seg_D_cam'):
         main.parse_args(tiny_flags(tiny_dataset, tmp_path / 'r', '--gan_type', 'dragan', '--seg_D_cam_fea_mask',
                                    '--faceseg_weights', str(weights)))
 

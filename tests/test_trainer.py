@@ -176,7 +176,7 @@ def test_corrupt_newest_checkpoint_is_skipped(tiny_dataset, tmp_path, capsys):
     assert _run(tiny_dataset, out, '--iteration', '4', '--save_freq', '2') == 0
     (out / 'tiny' / 'model' / 'tiny_params_0000004.pt').write_bytes(b'torn file')
     assert _run(tiny_dataset, out, '--iteration', '4', '--save_freq', '2', '--resume', 'True') == 0
-    assert 'skipping unreadable checkpoint' in capsys.readouterr().err
+    assert 'is not a PyTorch checkpoint' in capsys.readouterr().err   # skipped with a warning saying why
     assert checkpoints.load_checkpoint(out / 'tiny' / 'model' / 'tiny_params_0000004.pt')['step'] == 4
 
 
