@@ -8,13 +8,16 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 import dataset as data
 import images
 from model import DIRECTIONS, Direction
-from run_folder import LOGS_DIR, METRICS_FILE, PREVIEWS_DIR
+
+if TYPE_CHECKING:   # a type only: the monitor writes where the loop's RunFiles says
+    from run_folder import RunFiles
 
 # FN's TensorBoard names for its face-distance curves, written too so its dashboards keep working.
 # FN (a TF fork) names generators by the domain they produce: G_A is B→A.
@@ -34,14 +37,15 @@ def preview_samples(dataset_root: Path, img_size: int, n: int) -> dict[str, torc
 
 
 class TrainingMonitor:
-    """Writes what the trainer reports under ``run_dir`` (logs/, img/, metrics.jsonl)."""
+    """Writes what the trainer reports into the run's files (``run_folder.RunFiles``: the TensorBoard
+    folder, the preview folder and metrics.jsonl)."""
 
-    def __init__(self, run_dir: Path, dataset_root: Path, img_size: int, n_preview: int = 5) -> None:
+    def __init__(self, files: RunFiles, dataset_root: Path, img_size: int, n_preview: int = 5) -> None:
         from torch.utils.tensorboard import SummaryWriter
-        self.run_dir = run_dir
         self.samples = preview_samples(dataset_root, img_size, n_preview)   # read at start-up, not step 1000
-        self.writer = SummaryWriter(str(run_dir / LOGS_DIR))
-        self.img_dir = run_dir / PREVIEWS_DIR
+        self.writer = SummaryWriter(str(files.logs_dir))
+        self.img_dir = files.previews_dir
+        self.metrics_file = files.metrics_file
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         for key, value in values.items():
@@ -62,7 +66,7 @@ class TrainingMonitor:
     def metrics(self, step: int, results: dict[str, float], record: dict | None = None) -> None:
         for key, value in results.items():
             self.writer.add_scalar(key, value, step)
-        with open(self.run_dir / METRICS_FILE, 'a') as f:
+        with open(self.metrics_file, 'a') as f:
             f.write(json.dumps({'step': step, **results, **(record or {})}) + '\n')
         self.writer.flush()
 

@@ -80,6 +80,18 @@ class RunFiles:
         return self.run_dir / CONFIG_FILE
 
     @property
+    def logs_dir(self) -> Path:
+        return self.run_dir / LOGS_DIR
+
+    @property
+    def previews_dir(self) -> Path:
+        return self.run_dir / PREVIEWS_DIR
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.run_dir / METRICS_FILE
+
+    @property
     def metric_cache(self) -> Path:
         return self.run_dir / METRIC_CACHE
 
@@ -102,7 +114,7 @@ class RunFiles:
 
     def existing_run(self) -> list[Path]:
         """Files of an earlier run in this run's folder: checkpoints and TensorBoard logs."""
-        logs = self.run_dir / LOGS_DIR
+        logs = self.logs_dir
         found = self.periodic() + [p for p in (self.best_path, self.latest_path) if p.exists()]
         if logs.is_dir() and any(logs.iterdir()):
             found.append(logs)

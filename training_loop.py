@@ -171,7 +171,7 @@ class TrainingRun:
         if not self.dist.is_main:
             return None
         from monitor import TrainingMonitor
-        return TrainingMonitor(self.files.run_dir, self.dataset_root, self.config.arch.img_size)
+        return TrainingMonitor(self.files, self.dataset_root, self.config.arch.img_size)
 
     def _build_evaluation(self):
         """The FID/KID evaluator when --metric_freq is set (built now: start-up fails, not step 10k)."""

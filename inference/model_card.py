@@ -22,6 +22,7 @@ import dataset as data
 import errors
 import images
 import options
+import run_folder
 from checkpoints import CONFIG_NAME
 from model import DIRECTIONS, ArchConfig, Translator
 
@@ -83,7 +84,7 @@ def run_dir_of(checkpoint: str | Path, dataset_name: str | None) -> Path | None:
     path = Path(checkpoint)
     if not path.is_file():
         return None
-    if path.parent.name == 'model':
+    if path.parent.name == run_folder.MODEL_DIR:
         return path.parent.parent
     return path.parent / dataset_name if dataset_name else None
 
@@ -295,7 +296,7 @@ def write_card(folder: str | Path, translator: Translator, opts: CardOptions, ru
     ``translator`` holds the exported generators as a reader gets them. Returns the files written."""
     folder = Path(folder)
     config = json.loads((folder / CONFIG_NAME).read_text())
-    found = matching_scores(run_dir / 'metrics.jsonl', generator_hashes(translator)) if run_dir else None
+    found = matching_scores(run_dir / run_folder.METRICS_FILE, generator_hashes(translator)) if run_dir else None
     written = []
     samples_path = folder / SAMPLES_NAME
     samples_path.unlink(missing_ok=True)   # never a stale grid of earlier weights
