@@ -9,15 +9,17 @@ The parts at that moment come from identity: the trainer's parameters and buffer
 (activations: saved tensors, temporaries, the batch, autocast's weight copies).
 
 :func:`estimate` builds and runs an unmodified trainer on fake tensors (``FakeTensorMode``: shapes and
-dtypes, no data), so the full model takes seconds and no memory. :func:`measure` tracks a trainer
-that already exists, on real or fake tensors. The fake tensors stay on the CPU (the autograd engine
+dtypes, no data), so the full model takes seconds and no memory. :func:`measure` tracks a training
+run that already exists, on real or fake tensors. The fake tensors stay on the CPU (the autograd engine
 asks the CUDA driver about the device of every backward, so a fake 'cuda' device needs a GPU), and
 what CUDA does differently in memory is modelled instead (``cuda_emulation``: the caching
 allocator's block sizes, autocast's CUDA cast policy, fused Adam).
 
-Start-up check (the trainer is still being split, so this is how it would be called)::
+Like every module below the trainer, this one is handed what it needs, not the trainer: a
+:class:`Training` (the networks, optimizers and EMA copies, and a callable for one step), or for
+:func:`estimate` a function that builds one from a config. A start-up check would read::
 
-    report = memory.estimate(cfg, build=UGATIT)
+    report = memory.estimate(cfg, build=lambda cfg: UGATIT(cfg).memory_training())
     print(report.summary())   # 'peak 17.23 GiB at step 2 (weights 2.50, gradients 2.34, ...)'
 """
 from __future__ import annotations
@@ -72,7 +74,7 @@ class MemoryReport:
 
 
 # ----------------------------------------------------------------------------------------------
-# What a trainer holds
+# What a training run holds
 
 
 @dataclass
@@ -84,12 +86,12 @@ class TrainingParts:
     ema: list[nn.Module] = field(default_factory=list)    # averaged copies of networks
 
 
-def training_parts(trainer: object) -> TrainingParts:
-    """The trainer's networks, optimizers and EMA copies (``G``, ``D``, ``G_optim``, ``D_optim``,
-    ``ema``: a dict of objects with ``.model``, or None). The one place that knows the trainer."""
-    ema = getattr(trainer, 'ema', None) or {}
-    return TrainingParts([trainer.G, trainer.D], [trainer.G_optim, trainer.D_optim],
-                         [average.model for average in ema.values()])
+@dataclass
+class Training:
+    """What is measured: the run's long-lived tensors and one training step, ``step(batch, number)``."""
+
+    parts: TrainingParts
+    step: Callable[[dict[str, torch.Tensor], int], object]
 
 
 def _module_tensors(module: nn.Module) -> Iterator[torch.Tensor]:
@@ -307,24 +309,15 @@ def _report(tracker: StorageTracker, new_allocator: Callable[[], Allocator], dev
     return MemoryReport(peak, parts, step, op, ops_per_step, device)
 
 
-StepFn = Callable[[object, dict, int], object]
-
-
-def _train_step(trainer: object, batch: dict[str, torch.Tensor], step: int) -> object:
-    return trainer.train_step(batch, step)
-
-
-def measure(trainer: object, batches: Iterable[dict[str, torch.Tensor]], *, first_step: int = 1,
-            device: str | None = None, step_fn: StepFn = _train_step) -> MemoryReport:
-    """Track ``step_fn(trainer, batch, step)`` (default: ``trainer.train_step(batch, step)``) over the
-    batches, steps ``first_step``, ``first_step + 1``, ...
+def measure(training: Training, batches: Iterable[dict[str, torch.Tensor]], *, first_step: int = 1,
+            device: str = 'cpu') -> MemoryReport:
+    """Track ``training.step(batch, step)`` over the batches, steps ``first_step``, ``first_step + 1``, ...
 
     Everything alive when called counts: the networks, EMA copies and optimizer state by part, and
     the batches as activations. ``device`` picks the allocator model ('cuda': CUDA's caching
-    allocator; otherwise exact bytes); default: the trainer's device.
+    allocator; otherwise exact bytes).
     """
-    parts = training_parts(trainer)
-    device = device or str(getattr(trainer, 'device', 'cpu'))
+    parts = training.parts
     new_allocator = CudaCachingAllocator if device.startswith('cuda') else ExactAllocator
     tracker = StorageTracker()
     _label_parts(tracker, parts)
@@ -336,7 +329,7 @@ def measure(trainer: object, batches: Iterable[dict[str, torch.Tensor]], *, firs
             tracker.start_step(step)
             before = tracker.ops
             with tracker:
-                step_fn(trainer, batch, step)
+                training.step(batch, step)
             tracker.settle()
             ops_per_step.append(tracker.ops - before)
     return _report(tracker, new_allocator, device, ops_per_step)
@@ -346,15 +339,15 @@ def measure(trainer: object, batches: Iterable[dict[str, torch.Tensor]], *, firs
 # Estimating on fake tensors
 
 
-def estimate(cfg: argparse.Namespace, build: Callable[[argparse.Namespace], object], *, device: str | None = None,
-             steps: int | None = None, step_fn: StepFn = _train_step) -> MemoryReport:
+def estimate(cfg: argparse.Namespace, build: Callable[[argparse.Namespace], Training], *, device: str | None = None,
+             steps: int | None = None) -> MemoryReport:
     """Peak memory of training ``cfg`` on ``device`` (default: cfg.device), from fake tensors.
 
-    ``build(cfg)`` makes the trainer (e.g. ``ugatit.UGATIT``), which then runs unmodified on fake CPU
-    tensors; on CUDA, as it is built there, with fused Adam and autocast's CUDA cast policy.
-    ``steps`` defaults to ``n_critic + 1``: step 1 creates Adam's moments at its very end, so only
-    the steps after it show the steady state (the first G step and one whole critic cycle after it).
-    ``--compile`` is ignored (the estimate is of the eager step).
+    ``build(cfg)`` makes the trainer and describes it as a :class:`Training`; the trainer then runs
+    unmodified on fake CPU tensors, on CUDA with fused Adam and autocast's CUDA cast policy (as it is
+    built there). ``steps`` defaults to ``n_critic + 1``: step 1 creates Adam's moments at its very
+    end, so only later steps show the steady state (the first G step after it and one whole critic
+    cycle). ``--compile`` is ignored (the estimate is of the eager step).
     """
     device = device or cfg.device
     cfg = copy.copy(cfg)
@@ -363,12 +356,12 @@ def estimate(cfg: argparse.Namespace, build: Callable[[argparse.Namespace], obje
     on_cuda = device.startswith('cuda')
     with FakeTensorMode(allow_non_fake_inputs=True), _fake_construction(), \
             cuda_autocast_policy() if on_cuda else contextlib.nullcontext():
-        trainer = build(cfg)
+        training = build(cfg)
         if on_cuda:
-            use_fused_adam(training_parts(trainer).optimizers)
+            use_fused_adam(training.parts.optimizers)
         shape = (cfg.batch_size, cfg.img_ch, cfg.img_size, cfg.img_size)
         batches = [{domain: torch.empty(shape) for domain in 'AB'} for _ in range(2)]   # as the benchmark holds them
-        return measure(trainer, (batches[i % 2] for i in range(steps)), device=device, step_fn=step_fn)
+        return measure(training, (batches[i % 2] for i in range(steps)), device=device)
 
 
 @contextlib.contextmanager

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import resource
 import time
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -23,6 +22,7 @@ from torch import nn
 import main
 import memory
 from cuda_emulation import CudaCachingAllocator, cuda_autocast_policy, round_size
+from scripts.benchmark import training_of
 from ugatit import UGATIT
 from utils import EMA
 
@@ -45,7 +45,10 @@ class ToyTrainer:
         self.G_optim = torch.optim.Adam(self.G.parameters(), fused=True)
         self.D_optim = torch.optim.Adam(self.D.parameters(), fused=True)
         self.ema = {'G': EMA(self.G, 0.999, 0)}
-        self.device = torch.device('cpu')
+
+    def training(self) -> memory.Training:
+        parts = memory.TrainingParts([self.G, self.D], [self.G_optim, self.D_optim], [self.ema['G'].model])
+        return memory.Training(parts, self.train_step)
 
     def train_step(self, batch: dict[str, torch.Tensor], step: int) -> None:
         self.D_optim.zero_grad(set_to_none=True)
@@ -66,7 +69,7 @@ def test_parts_at_the_peak_are_the_parameter_counts():
     n_tensors = len(list(trainer.G.parameters())) + len(list(trainer.D.parameters()))
     batch = {'A': torch.randn(4, 256), 'B': torch.randn(4, 256)}
 
-    report = memory.measure(trainer, [batch])
+    report = memory.measure(trainer.training(), [batch])
 
     assert report.peak_step == 1 and report.device == 'cpu'
     assert report.parts['weights'] == 4 * (n_g + n_d)
@@ -103,8 +106,7 @@ def _tiny_config(tiny_dataset, tmp_path, *extra: str):
     return main.parse_args(tiny_flags(tiny_dataset, tmp_path / 'out', '--iteration', '10', *extra))
 
 
-def _bytes_alive(trainer, batches) -> int:
-    parts = memory.training_parts(trainer)
+def _bytes_alive(parts: memory.TrainingParts, batches) -> int:
     modules = parts.networks + parts.ema
     tensors = [t for m in modules for t in [*m.parameters(), *m.buffers()]] + [v for b in batches for v in b.values()]
     return sum(t.untyped_storage().nbytes() for t in tensors)
@@ -113,9 +115,9 @@ def _bytes_alive(trainer, batches) -> int:
 def test_peak_matches_the_cpu_allocators_own_count(tiny_dataset, tmp_path):
     cfg = _tiny_config(tiny_dataset, tmp_path, '--batch_size', '2')
     batches = random_batches(2, batch=2)
-    trainer = UGATIT(cfg)
-    report = memory.measure(trainer, batches)
-    above_start = report.peak_bytes - _bytes_alive(trainer, batches)
+    training = training_of(UGATIT(cfg))
+    report = memory.measure(training, batches)
+    above_start = report.peak_bytes - _bytes_alive(training.parts, batches)
 
     torch.manual_seed(0)
     twin = UGATIT(cfg)
@@ -129,8 +131,8 @@ def test_peak_matches_the_cpu_allocators_own_count(tiny_dataset, tmp_path):
 def test_fake_tensors_give_the_peak_of_real_ones(tiny_dataset, tmp_path):
     cfg = _tiny_config(tiny_dataset, tmp_path)
     batches = [{d: torch.zeros(1, 3, 32, 32) for d in 'AB'} for _ in range(2)]
-    real = memory.measure(UGATIT(cfg), batches)
-    fake = memory.estimate(cfg, UGATIT, device='cpu', steps=2)
+    real = memory.measure(training_of(UGATIT(cfg)), batches)
+    fake = memory.estimate(cfg, lambda cfg: training_of(UGATIT(cfg)), device='cpu', steps=2)
     assert fake.peak_bytes == real.peak_bytes
     assert fake.parts == real.parts
     assert abs(fake.ops_per_step[-1] - real.ops_per_step[-1]) < 0.02 * real.ops_per_step[-1]
@@ -151,7 +153,7 @@ def test_full_model_estimate_takes_seconds_and_no_memory(tiny_dataset, tmp_path)
         cfg = main.parse_args(['--dataset', str(tiny_dataset), '--result_dir', str(tmp_path), '--device', 'cuda',
                                '--light', 'False', '--img_size', '256', '--iteration', '1000000'])
     before, start = _rss(), time.perf_counter()
-    report = memory.estimate(cfg, UGATIT, steps=1)
+    report = memory.estimate(cfg, lambda cfg: training_of(UGATIT(cfg)), steps=1)
     seconds, grown = time.perf_counter() - start, _rss() - before
 
     assert seconds < 60
@@ -201,5 +203,15 @@ def test_cuda_autocast_policy_on_cpu_tensors():
 def test_count_ops_counts_each_dispatched_op():
     x = torch.ones(3)
     assert memory.count_ops(lambda: (x * 2).sum()) == 2
-    trainer = SimpleNamespace()
-    assert memory.count_ops(lambda: trainer) == 0
+    assert memory.count_ops(lambda: x.device) == 0
+
+
+def test_benchmark_estimates_fp16_rows_without_a_gpu(capsys):
+    from scripts import benchmark
+    rows = benchmark.main(['--configs', 'tiny', '--amp', 'fp16', '--no_timing', '--warmup', '1', '--no_reference'])
+    printed = capsys.readouterr().out
+    (row,) = rows
+    assert row.fast is None and row.estimate.device == 'cuda' and row.estimate.steps == 1
+    assert row.estimate.fast.peak_bytes == sum(row.estimate.fast.parts.values()) > 0
+    assert row.estimate.fast.ops_per_step[0] > 1000
+    assert 'estimate on cuda (1 step), fast: peak' in printed and 'est GB' in printed
