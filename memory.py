@@ -28,12 +28,15 @@ import argparse
 import contextlib
 import copy
 import itertools
+import os
+import random
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from unittest import mock
 
+import numpy as np
 import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
@@ -347,14 +350,17 @@ def estimate(cfg: argparse.Namespace, build: Callable[[argparse.Namespace], Trai
     unmodified on fake CPU tensors, on CUDA with fused Adam and autocast's CUDA cast policy (as it is
     built there). ``steps`` defaults to ``n_critic + 1``: step 1 creates Adam's moments at its very
     end, so only later steps show the steady state (the first G step after it and one whole critic
-    cycle). ``--compile`` is ignored (the estimate is of the eager step).
+    cycle). The estimate is of one process's eager step: ``--compile`` is ignored, and under torchrun
+    DDP's gradient buckets (about the size of the gradients) come on top. The global random
+    generators are left as they were (building a trainer seeds them).
     """
     device = device or cfg.device
     cfg = copy.copy(cfg)
     cfg.device, cfg.compile = 'cpu', False
     steps = steps or getattr(cfg, 'n_critic', 1) + 1
     on_cuda = device.startswith('cuda')
-    with FakeTensorMode(allow_non_fake_inputs=True), _fake_construction(), \
+    with FakeTensorMode(allow_non_fake_inputs=True), _fake_construction(), _rng_untouched(), \
+            mock.patch.dict(os.environ, {'WORLD_SIZE': '1', 'RANK': '0', 'LOCAL_RANK': '0'}), \
             cuda_autocast_policy() if on_cuda else contextlib.nullcontext():
         training = build(cfg)
         if on_cuda:
@@ -370,6 +376,18 @@ def assume_cuda() -> Iterator[None]:
     without a GPU, to estimate for one: validation asks ``torch.cuda.is_available()``."""
     with mock.patch.object(torch.cuda, 'is_available', lambda: True):
         yield
+
+
+@contextlib.contextmanager
+def _rng_untouched() -> Iterator[None]:
+    """Restore Python's, NumPy's and torch's generators afterwards (CUDA's once initialised; before,
+    seeding CUDA is only queued, and the real trainer's own seeding comes later)."""
+    python, numpy = random.getstate(), np.random.get_state()
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=cuda):
+        yield
+    random.setstate(python)
+    np.random.set_state(numpy)
 
 
 @contextlib.contextmanager

@@ -215,3 +215,18 @@ def test_benchmark_estimates_fp16_rows_without_a_gpu(capsys):
     assert row.estimate.fast.peak_bytes == sum(row.estimate.fast.parts.values()) > 0
     assert row.estimate.fast.ops_per_step[0] > 1000
     assert 'estimate on cuda (1 step), fast: peak' in printed and 'est GB' in printed
+
+
+def test_estimate_leaves_the_random_generators_alone(tiny_dataset, tmp_path):
+    import random
+
+    import numpy as np
+
+    def seed_and_draw(between=lambda: None) -> tuple:
+        torch.manual_seed(123), random.seed(4), np.random.seed(5)
+        between()
+        return torch.rand(1).item(), random.random(), np.random.rand()
+
+    cfg = _tiny_config(tiny_dataset, tmp_path)
+    estimated = seed_and_draw(lambda: memory.estimate(cfg, lambda cfg: training_of(UGATIT(cfg)), device='cpu', steps=1))
+    assert estimated == seed_and_draw()   # building a trainer seeds the generators: the estimate restores them
