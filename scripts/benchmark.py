@@ -4,6 +4,7 @@ Usage (from the repository root)::
 
     python scripts/benchmark.py --configs cpu-light128-ch16 --amp off,bf16 --iters 10 --warmup 2
     python scripts/benchmark.py --configs light128,full256 --amp off,bf16,fp16 --batch_size 1,4 --json o.json
+    python scripts/benchmark.py --configs full256 --amp off,fp16 --batch_size 1,8 --estimate --no_timing   # no GPU
 
 For every config × amp × batch size it builds the trainer through ``main.parse_args`` on a small
 synthetic dataset (random PNGs in a temporary folder) and feeds random batches that already sit on the
@@ -28,10 +29,20 @@ device straight to ``UGATIT.train_step``, so no data loading is timed. Definitio
 - **GFLOP/it**: ``torch.utils.flop_counter.FlopCounterMode`` over one whole step (forward and backward
   of D and G); **floor**: GFLOP/it ÷ the measured matmul rate of the device (bf16 on a GPU, fp32 on a
   CPU); **floor %**: floor ÷ s/it.
+- **ops/it**, **ref ops**: the ops one whole step dispatches (forward, backward, optimizer steps, EMA:
+  ``memory.count_ops``, a ``TorchDispatchMode``), counted with the FLOPs on the timed device.
+- **est GB**, **ref est GB** (``--estimate``): ``memory.estimate``, the peak GPU memory of the fast and
+  the reference step computed on the CPU from fake tensors, as on ``--estimate_device`` (CUDA's
+  caching allocator, autocast policy and fused Adam), over construction and ``--warmup`` steps like
+  **peak mem**. Printed per row with its parts (weights, gradients, optimizer, EMA, activations) and
+  the ops per step of both steps as the estimate ran them. Step 1 creates Adam's moments at its very
+  end, so ``--warmup 1`` measures less than training needs; the default 2 shows the steady state.
+  ``--no_timing`` runs nothing for real (no GPU needed, ``--amp fp16`` rows included).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -49,6 +60,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import main as cli  # noqa: E402
+import memory  # noqa: E402
 from scripts.measure import (  # noqa: E402
     MemoryMeter,
     count_flops,
@@ -120,6 +132,17 @@ class StepResult:
     gpu_peak_bytes: int | None
     host_increase_bytes: int
     flops: float | None = None
+    ops: int | None = None
+
+
+@dataclass
+class Estimate:
+    """The estimated peak GPU memory of the fast and the reference step (``memory.estimate``)."""
+
+    device: str
+    steps: int
+    fast: memory.MemoryReport
+    reference: memory.MemoryReport | None = None
 
 
 @dataclass
@@ -133,6 +156,7 @@ class Row:
     fast: StepResult | None = None
     reference: StepResult | None = None
     test_img_per_s: float | None = None
+    estimate: Estimate | None = None
     process_max_rss_bytes: int = 0
     note: str = ''
     extra: dict = field(default_factory=dict)
@@ -204,7 +228,9 @@ def result_of(runner: Runner, times: list[float], args: argparse.Namespace) -> S
     result = StepResult(statistics.median(times), times, runner.gpu_peak_bytes, runner.host_increase_bytes)
     if not args.no_flops:
         step = args.warmup + args.iters
-        result.flops = count_flops(lambda: runner(step))
+        with memory.OpCounter() as ops:
+            result.flops = count_flops(lambda: runner(step))
+        result.ops = ops.count
     return result
 
 
@@ -235,6 +261,27 @@ def fast_step(trainer: UGATIT, batch: dict[str, torch.Tensor], step: int) -> dic
     return trainer.train_step(batch, step)
 
 
+def training_of(trainer: UGATIT, step_fn: Callable = fast_step) -> memory.Training:
+    """The trainer as memory.py sees it: G, D, their optimizers, the EMA copies and a step.
+    (A method of UGATIT once the trainer's split settles; the lower module never takes the trainer.)"""
+    parts = memory.TrainingParts([trainer.G, trainer.D], [trainer.G_optim, trainer.D_optim],
+                                 [average.model for average in (trainer.ema or {}).values()])
+    return memory.Training(parts, lambda batch, step: step_fn(trainer, batch, step))
+
+
+def estimate_row(fast_flags: list[str], ref_flags: list[str] | None, args: argparse.Namespace) -> Estimate:
+    """The fast and reference steps' peak memory on ``--estimate_device``, from fake tensors on the
+    CPU, over as many steps as the benchmark measures its peak on (``--warmup``)."""
+    def report(flags: list[str], step_fn: Callable) -> memory.MemoryReport:
+        flags = [args.estimate_device if prev == '--device' else flag for prev, flag in zip(['', *flags], flags)]
+        with memory.assume_cuda() if args.estimate_device.startswith('cuda') else contextlib.nullcontext():
+            cfg = cli.parse_args(flags)
+        return memory.estimate(cfg, lambda cfg: training_of(UGATIT(cfg), step_fn), steps=args.warmup)
+
+    return Estimate(args.estimate_device, args.warmup, report(fast_flags, fast_step),
+                    report(ref_flags, reference_train_step) if ref_flags is not None else None)
+
+
 def skip_reason(device: torch.device, amp: str) -> str:
     if amp == 'fp16' and device.type != 'cuda':
         return 'skipped: --amp fp16 needs a CUDA device (use bf16 on the CPU)'
@@ -256,17 +303,22 @@ def run_benchmark(args: argparse.Namespace, data: Path, out_dir: Path) -> list[R
     """Every requested config × batch size × amp row, each with its own reference measurement."""
     device = torch.device(args.device)
     extra = args.flags.split() if args.flags else []
-    prime(data, out_dir, args.device)
+    if not args.no_timing:
+        prime(data, out_dir, args.device)
     rows = []
     for name in args.configs:
         for batch_size in args.batch_size:
             common = (PRESETS[name], extra, data, out_dir, args.device)
             ref_flags = None if args.no_reference else trainer_flags(*common, 'off', batch_size, False, False)
             for amp in args.amp:
-                row = Row(name, str(device), amp, batch_size, note=skip_reason(device, amp))
+                row = Row(name, str(device), amp, batch_size,
+                          note='' if args.no_timing else skip_reason(device, amp))
                 if not row.note:
                     fast_flags = trainer_flags(*common, amp, batch_size, args.channels_last, args.compile)
-                    measure_row(row, fast_flags, ref_flags, args)
+                    if not args.no_timing:
+                        measure_row(row, fast_flags, ref_flags, args)
+                    if args.estimate:
+                        row.estimate = estimate_row(fast_flags, ref_flags, args)
                 release_memory()
                 row.process_max_rss_bytes = max_rss()
                 rows.append(row)
@@ -286,12 +338,28 @@ def _gb(value: int | None) -> str:
     return '-' if value is None else f'{value / GB:.2f}'
 
 
+def _count(value: int | None) -> str:
+    return '-' if value is None else str(value)
+
+
 def print_row_details(row: Row, matmul: tuple[float, str] | None) -> None:
     """The per-row lines (printed as each row finishes, so long runs show progress)."""
     head = f'[{row.config} amp={row.amp} batch={row.batch_size} {row.device}]'
     if row.note:
         print(f'{head} {row.note}', flush=True)
         return
+    if row.fast is not None:
+        print_timing_details(head, row, matmul)
+    if row.estimate is not None:
+        est = row.estimate
+        steps = f'{est.steps} step' + 's' * (est.steps != 1)
+        for label, report in (('fast', est.fast), ('reference', est.reference)):
+            if report is not None:
+                print(f'{head} estimate on {est.device} ({steps}), {label}: {report.summary()}; '
+                      f'{report.ops_per_step[-1]} ops in the last step', flush=True)
+
+
+def print_timing_details(head: str, row: Row, matmul: tuple[float, str] | None) -> None:
     print(f'{head} fast: {row.fast.s_per_it:.4f} s/it, {row.img_per_s:.2f} img/s, '
           f'test {row.test_img_per_s:.2f} img/s', flush=True)
     if row.reference is not None:
@@ -301,7 +369,7 @@ def print_row_details(row: Row, matmul: tuple[float, str] | None) -> None:
               flush=True)
     for label, result in (('fast', row.fast), ('reference', row.reference)):
         if result is not None and result.flops is not None:
-            line = f'{head} {label}: {result.flops / 1e9:.2f} GFLOP/it'
+            line = f'{head} {label}: {result.flops / 1e9:.2f} GFLOP/it, {result.ops} ops/it'
             if matmul is not None:
                 floor = result.flops / matmul[0]
                 line += (f', floor {floor * 1e3:.3f} ms at {matmul[0] / 1e12:.2f} TFLOP/s {matmul[1]} '
@@ -310,25 +378,41 @@ def print_row_details(row: Row, matmul: tuple[float, str] | None) -> None:
 
 
 TABLE = [('config', 18), ('amp', 5), ('batch', 5), ('s/it', 9), ('img/s', 8), ('ref s/it', 9),
-         ('speed-up', 8), ('peak GB', 8), ('ref GB', 7), ('mem f/r', 7), ('test img/s', 10), ('GFLOP/it', 9)]
+         ('speed-up', 8), ('peak GB', 8), ('ref GB', 7), ('mem f/r', 7), ('est GB', 7), ('ref est', 7),
+         ('test img/s', 10), ('GFLOP/it', 9), ('ops/it', 7), ('ref ops', 7)]
+
+
+def _ops(result: StepResult | None, report: memory.MemoryReport | None) -> int | None:
+    """Ops per step as counted on the timed device, else as the estimate ran the step."""
+    if result is not None and result.ops is not None:
+        return result.ops
+    return report.ops_per_step[-1] if report is not None else None
 
 
 def table_cells(row: Row) -> list[str]:
-    if row.fast is None:
+    fast, ref, est = row.fast, row.reference, row.estimate
+    if fast is None and est is None:
         return [row.config, row.amp, str(row.batch_size), 'skipped'] + ['-'] * (len(TABLE) - 4)
-    ref = row.reference
-    return [row.config, row.amp, str(row.batch_size), f'{row.fast.s_per_it:.4f}', f'{row.img_per_s:.2f}',
-            _fmt(ref.s_per_it if ref else None, '.4f'), _fmt(row.speedup, '.2f'), _gb(_peak(row.fast)),
-            _gb(_peak(ref) if ref else None), _fmt(row.mem_ratio, '.2f'), _fmt(row.test_img_per_s, '.2f'),
-            _fmt(row.fast.flops / 1e9 if row.fast.flops else None, '.2f')]
+    est_fast, est_ref = (est.fast, est.reference) if est else (None, None)
+    return [row.config, row.amp, str(row.batch_size), _fmt(fast.s_per_it if fast else None, '.4f'),
+            _fmt(row.img_per_s, '.2f'), _fmt(ref.s_per_it if ref else None, '.4f'), _fmt(row.speedup, '.2f'),
+            _gb(_peak(fast) if fast else None), _gb(_peak(ref) if ref else None), _fmt(row.mem_ratio, '.2f'),
+            _gb(est_fast.peak_bytes if est_fast else None), _gb(est_ref.peak_bytes if est_ref else None),
+            _fmt(row.test_img_per_s, '.2f'), _fmt(fast.flops / 1e9 if fast and fast.flops else None, '.2f'),
+            _count(_ops(fast, est_fast)), _count(_ops(ref, est_ref))]
 
 
 def print_table(rows: list[Row], args: argparse.Namespace) -> None:
     mem = 'GPU max allocated' if torch.device(args.device).type == 'cuda' else 'host RSS increase'
+    timing = 'no timing' if args.no_timing else (
+        f'median of {args.iters} iterations after {args.warmup} warm-up')
     print(f'\nU-GAT-IT benchmark: device {args.device}, torch {torch.__version__}, '
-          f'{torch.get_num_threads()} threads, median of {args.iters} iterations after {args.warmup} '
-          'warm-up; '
+          f'{torch.get_num_threads()} threads, {timing}; '
           f'img/s = 2 x batch / (s/it); peak = {mem}; speed-up = ref s/it / fast s/it')
+    if args.estimate:
+        print(f'est = memory.estimate: peak GPU memory on {args.estimate_device} computed on the CPU '
+              f'(construction + {args.warmup} warm-up step(s)); ops/it: counted on the timed device, else by the '
+              'estimate')
     print('  '.join(name.rjust(width) for name, width in TABLE))
     for row in rows:
         print('  '.join(cell.rjust(width) for cell, (_, width) in zip(table_cells(row), TABLE)))
@@ -394,6 +478,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--channels_last', action='store_true', help='fast step with channels-last layout')
     parser.add_argument('--compile', action='store_true', help='fast step with torch.compile')
     parser.add_argument('--flags', default='', help='extra main.py flags for every config, e.g. "--n_res 2"')
+    parser.add_argument('--estimate', action='store_true',
+                        help='also estimate each row\'s peak GPU memory and its parts on the CPU (memory.py: fake '
+                             'tensors, seconds, no memory), for the fast and the reference step')
+    parser.add_argument('--estimate_device', default='cuda',
+                        help="what --estimate models: 'cuda' (caching allocator, CUDA autocast, fused Adam) or 'cpu'")
+    parser.add_argument('--no_timing', action='store_true',
+                        help='run nothing for real, estimate only (implies --estimate; needs no GPU, even for fp16)')
     parser.add_argument('--json', default=None, help='also write the results to this JSON file')
     return parser
 
@@ -403,12 +494,13 @@ def main(argv: list[str] | None = None) -> list[Row]:
     args = build_parser().parse_args(argv)
     if args.iters < 1 or args.warmup < 1:
         raise SystemExit('error: --iters and --warmup must be >= 1 (memory is measured during the warm-up)')
+    args.estimate = args.estimate or args.no_timing
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    if device.type == 'cuda' and not torch.cuda.is_available():
-        raise SystemExit('error: --device cuda but CUDA is not available; use --device cpu')
-    args.matmul = None if args.no_flops else matmul_rate(device)
+    if device.type == 'cuda' and not torch.cuda.is_available() and not args.no_timing:
+        raise SystemExit('error: --device cuda but CUDA is not available; use --device cpu (or --no_timing)')
+    args.matmul = None if args.no_flops or args.no_timing else matmul_rate(device)
     with tempfile.TemporaryDirectory(prefix='ugatit-bench-') as tmp:
         data = make_dataset(Path(tmp) / 'bench')
         rows = run_benchmark(args, data, Path(tmp) / 'results')
