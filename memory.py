@@ -24,9 +24,8 @@ Like every module below the trainer, this one is handed what it needs, not the t
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
-import copy
+import dataclasses
 import itertools
 import os
 import random
@@ -43,6 +42,7 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from config import Config
 from cuda_emulation import Allocator, CudaCachingAllocator, ExactAllocator, cuda_autocast_policy, use_fused_adam
 
 GiB = 1024 ** 3
@@ -342,9 +342,9 @@ def measure(training: Training, batches: Iterable[dict[str, torch.Tensor]], *, f
 # Estimating on fake tensors
 
 
-def estimate(cfg: argparse.Namespace, build: Callable[[argparse.Namespace], Training], *, device: str | None = None,
+def estimate(config: Config, build: Callable[[Config], Training], *, device: str | None = None,
              steps: int | None = None) -> MemoryReport:
-    """Peak memory of training ``cfg`` on ``device`` (default: cfg.device), from fake tensors.
+    """Peak memory of training ``config`` on ``device`` (default: the config's), from fake tensors.
 
     ``build(cfg)`` makes the trainer and describes it as a :class:`Training`; the trainer then runs
     unmodified on fake CPU tensors, on CUDA with fused Adam and autocast's CUDA cast policy (as it is
@@ -354,18 +354,19 @@ def estimate(cfg: argparse.Namespace, build: Callable[[argparse.Namespace], Trai
     DDP's gradient buckets (about the size of the gradients) come on top. The global random
     generators are left as they were (building a trainer seeds them).
     """
-    device = device or cfg.device
-    cfg = copy.copy(cfg)
-    cfg.device, cfg.compile = 'cpu', False
-    steps = steps or getattr(cfg, 'n_critic', 1) + 1
+    device = device or config.performance.device
+    config = dataclasses.replace(config, performance=dataclasses.replace(config.performance, device='cpu',
+                                                                         compile=False))
+    steps = steps or config.schedule.n_critic + 1
     on_cuda = device.startswith('cuda')
     with FakeTensorMode(allow_non_fake_inputs=True), _fake_construction(), _rng_untouched(), \
             mock.patch.dict(os.environ, {'WORLD_SIZE': '1', 'RANK': '0', 'LOCAL_RANK': '0'}), \
             cuda_autocast_policy() if on_cuda else contextlib.nullcontext():
-        training = build(cfg)
+        training = build(config)
         if on_cuda:
             use_fused_adam(training.parts.optimizers)
-        shape = (cfg.batch_size, cfg.img_ch, cfg.img_size, cfg.img_size)
+        arch = config.arch
+        shape = (config.schedule.batch_size, arch.img_ch, arch.img_size, arch.img_size)
         batches = [{domain: torch.empty(shape) for domain in 'AB'} for _ in range(2)]   # as the benchmark holds them
         return measure(training, (batches[i % 2] for i in range(steps)), device=device)
 

@@ -32,6 +32,7 @@ import augment
 import dataset as data
 import images
 import losses as L
+import memory
 import utils
 from checkpoints import PT_KEYS, TRAINING_FORMAT, load_module, state_nbytes
 from config import Config, LossWeights
@@ -338,6 +339,12 @@ class UGATIT:
             return False
         self._set_lr(self.lr_at(self.step))
         return True
+
+    def memory_training(self) -> memory.Training:
+        """The trainer as memory.py measures it: the networks, optimizers, EMA copies and the step."""
+        parts = memory.TrainingParts([self.G, self.D], [self.G_optim, self.D_optim],
+                                     [average.model for average in (self.ema or {}).values()])
+        return memory.Training(parts, self.train_step)
 
     def checkpoint_nbytes(self) -> int:
         """About the size of a checkpoint once Adam's moments exist (a fresh run has none yet)."""

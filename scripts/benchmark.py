@@ -262,11 +262,9 @@ def fast_step(trainer: UGATIT, batch: dict[str, torch.Tensor], step: int) -> dic
 
 
 def training_of(trainer: UGATIT, step_fn: Callable = fast_step) -> memory.Training:
-    """The trainer as memory.py sees it: G, D, their optimizers, the EMA copies and a step.
-    (A method of UGATIT once the trainer's split settles; the lower module never takes the trainer.)"""
-    parts = memory.TrainingParts([trainer.G, trainer.D], [trainer.G_optim, trainer.D_optim],
-                                 [average.model for average in (trainer.ema or {}).values()])
-    return memory.Training(parts, lambda batch, step: step_fn(trainer, batch, step))
+    """The trainer as memory.py sees it (``UGATIT.memory_training``), stepped by ``step_fn``."""
+    training = trainer.memory_training()
+    return memory.Training(training.parts, lambda batch, step: step_fn(trainer, batch, step))
 
 
 def estimate_row(fast_flags: list[str], ref_flags: list[str] | None, args: argparse.Namespace) -> Estimate:
