@@ -117,6 +117,7 @@ class Performance:
     compile: bool = False
     benchmark_flag: bool = False
     stack_batches: bool = True
+    early_updates: bool = True          # exact: see ugatit.EarlyUpdates
 
 
 @dataclass(frozen=True)

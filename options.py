@@ -275,6 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(perf, '--compile', False, 'torch.compile the networks')
     _flag(perf, '--benchmark_flag', False, 'cudnn.benchmark')
     _flag(perf, '--stack_batches', True, 'run each network once per stage on stacked inputs (exact)')
+    _flag(perf, '--early_updates', True, "update the generators' big MLP layer (268 M parameters at 256 px) "
+          'inside its gradient hook, so its 1 GiB gradient is freed at once (exact; not under fp16, torchrun or '
+          '--compile, which update after the whole backward pass)')
     return parser
 
 
