@@ -108,7 +108,7 @@ class UGATIT:
         self.frozen_on_other_groups = selective_backprop_params(self.G) if config.few_shot.selective_backprop else []
         self.early_updates = build_early_updates(self.G, self.G_optim, config, self.dist)
         self.G_run, self.D_run, self.D_local = wrap_for_speed(
-            self.G, self.D, self.dist, perf.compile,
+            self.G, self.D, self.dist, perf.compile, mode=perf.compile_mode,
             untrained=untrainable_parameters(self.D, self.weights.cam_D_weight, self.regularisers['D']))
 
     # -- schedule ----------------------------------------------------------------------------------
