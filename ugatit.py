@@ -93,6 +93,7 @@ class UGATIT:
         self.regularisers = build_regularisers({'G': self.G, 'D': self.D}, self.weights)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=perf.amp == 'fp16')
         self.rho_clipper = RhoClipper(0, 1)
+        self.rhos = [m.rho for m in self.G.modules() if hasattr(m, 'rho')]   # AdaLIN/ILN's ρ, clipped after G steps
         objective, penalty = L.gan_objective(self.weights.gan_type, self.weights.GP_ld)
         self.gan_loss = L.GANLoss(cam_weight=self.weights.cam_D_weight, objective=objective, penalty=penalty)
         self.adv_weight = self.weights.adversarial()
@@ -316,7 +317,7 @@ class UGATIT:
     def after_step(self, step: int, generator_updated: bool = True) -> None:
         """ρ clipping and EMA (after a G update only), and ADA's strength update."""
         if generator_updated:
-            self.G.apply(self.rho_clipper)
+            self.rho_clipper.clip(self.rhos)
         if self.ema is not None and generator_updated:
             for name, ema in self.ema.items():
                 ema.update(self.G[name], step)
