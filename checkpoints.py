@@ -352,17 +352,17 @@ def resolve_arch(state: Mapping, flags: object | None, explicit: object = ()) ->
 
 def load_translator(path: str | Path, device: torch.device | str = 'cpu', use_ema: bool = True,
                     flags: object | None = None, explicit: object = (),
-                    compile: bool = False) -> tuple[Translator, dict]:
+                    compile: bool = False, compile_mode: str = 'default') -> tuple[Translator, dict]:
     """Build the generators a checkpoint (or an export folder) describes and load its weights (EMA
     copies when present and ``use_ema``). Returns the translator and the checkpoint's contents
     (step, config, ...; ``uses_ema`` says whether the generators are EMA copies)."""
     state = read_checkpoint(path)   # CPU: only the two generators go to the device
-    return translator_from_state(state, device, use_ema, flags, explicit, compile)
+    return translator_from_state(state, device, use_ema, flags, explicit, compile, compile_mode)
 
 
 def translator_from_state(state: dict, device: torch.device | str = 'cpu', use_ema: bool = True,
                           flags: object | None = None, explicit: object = (),
-                          compile: bool = False) -> tuple[Translator, dict]:
+                          compile: bool = False, compile_mode: str = 'default') -> tuple[Translator, dict]:
     """:func:`load_translator` for contents already in memory (a converted TF checkpoint)."""
     arch = resolve_arch(state, flags, explicit)
     generators = {}
@@ -371,7 +371,7 @@ def translator_from_state(state: dict, device: torch.device | str = 'cpu', use_e
         weights = state.get(f'{d.key}_ema') if use_ema and f'{d.key}_ema' in state else state[d.key]
         load_module(net, weights, d.key)
         net = net.to(device).eval().requires_grad_(False)
-        generators[d.name] = torch.compile(net) if compile else net
+        generators[d.name] = torch.compile(net, mode=compile_mode) if compile else net
     state['has_ema'] = all(f'{d.key}_ema' in state for d in DIRECTIONS)
     # An export holds one pair of generators; its config says whether they are the EMA copies.
     exported_ema = state.get('format') == EXPORT_FORMAT and bool(state['config'].get('ema'))

@@ -115,8 +115,10 @@ class Performance:
     amp: str = 'off'
     channels_last: bool = False
     compile: bool = False
+    compile_mode: str = 'default'       # torch.compile's mode ('reduce-overhead': CUDA graphs)
     benchmark_flag: bool = False
     stack_batches: bool = True
+    early_updates: bool = True          # exact: see ugatit.EarlyUpdates
 
 
 @dataclass(frozen=True)

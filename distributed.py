@@ -88,19 +88,22 @@ def _fail_on_gradient(name: str):
 
 
 def wrap_for_speed(G: nn.ModuleDict, D: nn.ModuleDict, dist_ctx: DistributedContext, compile: bool,
-                   untrained: list[nn.Parameter] | None = None) -> tuple[dict, dict, dict]:
+                   untrained: list[nn.Parameter] | None = None, mode: str = 'default') -> tuple[dict, dict, dict]:
     """What the training step calls: the raw modules, in DDP wrappers (gradient all-reduce) under
     torchrun, and torch.compile'd with --compile. ``D`` is {domain: {scale: module}}. Returns
     (G, D, D for the generator step): the G step's critic needs no all-reduce of D's gradients
     (D is frozen then), so it is the compiled module without DDP.
 
     ``untrained`` (:func:`untrainable_parameters`) are the parameters no loss of the config reaches:
-    DDP must not wait for their gradients.
+    DDP must not wait for their gradients. ``mode``: torch.compile's (``reduce-overhead``: CUDA graphs).
     """
+    def compiled(module: nn.Module) -> nn.Module:
+        return torch.compile(module, mode=mode)
+
     G_run = dict(G.items())
     D_local = {dom: dict(critic.items()) for dom, critic in D.items()}
     if compile:
-        D_local = {dom: {s: torch.compile(m) for s, m in c.items()} for dom, c in D_local.items()}
+        D_local = {dom: {s: compiled(m) for s, m in c.items()} for dom, c in D_local.items()}
     D_run = D_local
     if dist_ctx.enabled:
         ids = [dist_ctx.device.index] if dist_ctx.device.type == 'cuda' else None
@@ -108,7 +111,7 @@ def wrap_for_speed(G: nn.ModuleDict, D: nn.ModuleDict, dist_ctx: DistributedCont
         G_run = {k: _ddp(m, ids, skip) for k, m in G_run.items()}
         D_run = {dom: {s: _ddp(m, ids, skip) for s, m in c.items()} for dom, c in D.items()}
         if compile:
-            D_run = {dom: {s: torch.compile(m) for s, m in c.items()} for dom, c in D_run.items()}
+            D_run = {dom: {s: compiled(m) for s, m in c.items()} for dom, c in D_run.items()}
     if compile:
-        G_run = {k: torch.compile(m) for k, m in G_run.items()}
+        G_run = {k: compiled(m) for k, m in G_run.items()}
     return G_run, D_run, D_local

@@ -243,6 +243,12 @@ class RhoClipper:
         if hasattr(module, 'rho'):
             module.rho.clamp_(self.clip_min, self.clip_max)
 
+    @torch.no_grad()
+    def clip(self, rhos: list[torch.Tensor]) -> None:
+        """Clamp all ``rhos`` in two foreach operations (the same values as one clamp_ per module)."""
+        torch._foreach_clamp_min_(rhos, self.clip_min)
+        torch._foreach_clamp_max_(rhos, self.clip_max)
+
 
 # ----------------------------------------------------------------------------------------------
 # Blocks

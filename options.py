@@ -32,6 +32,7 @@ def str2bool(value: str | bool) -> bool:
     raise ValueError(f'expected a boolean (True/False/1/0/yes/no), got {value!r}')
 
 
+COMPILE_MODES = ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs')
 TF_ITERATIONS_PER_EPOCH = 10000   # TF's --iteration default (its --epoch 100 makes PT's 1M steps)
 PHASES = ('train', 'test', 'val', 'img_dir', 'generate', 'video', 'video_dir', 'camera')
 
@@ -273,8 +274,16 @@ def build_parser() -> argparse.ArgumentParser:
     perf.add_argument('--amp', default='off', choices=('off', 'bf16', 'fp16'), help='mixed precision')
     _flag(perf, '--channels_last', False, 'channels-last memory layout')
     _flag(perf, '--compile', False, 'torch.compile the networks')
+    perf.add_argument('--compile_mode', default='default', choices=COMPILE_MODES,
+                      help="torch.compile's mode with --compile: reduce-overhead also captures each compiled "
+                      'network (forward and backward) as CUDA graphs, which removes most per-operation launch '
+                      'overhead at batch 1; not yet measured on a GPU, so not the default (the optimizer, the '
+                      'losses and EMA stay eager)')
     _flag(perf, '--benchmark_flag', False, 'cudnn.benchmark')
     _flag(perf, '--stack_batches', True, 'run each network once per stage on stacked inputs (exact)')
+    _flag(perf, '--early_updates', True, "update the generators' big MLP layer (268 M parameters at 256 px) "
+          'inside its gradient hook, so its 1 GiB gradient is freed at once (exact; not under fp16, torchrun or '
+          '--compile, which update after the whole backward pass)')
     return parser
 
 
@@ -471,6 +480,7 @@ _FEATURE_OPTIONS: dict[str, tuple[str, object]] = {
     **{k: ('a face-segmentation loss (--seg_fix_weight W > 0 or a --seg_D_*/--seg_G_detach flag)',
            lambda c: c.use_faceseg) for k in ('hard_seg_edge', 'seg_fix_glass_mouth', 'faceseg_weights')},
     **{k: ('--metric_freq N', lambda c: c.metric_freq) for k in ('fid_batch', 'inception_weights')},
+    'compile_mode': ('--compile True', lambda c: c.compile),
     'GP_ld': ('--gan_type wgan-gp, wgan-lp or dragan', lambda c: c.gan_type in PENALTY_GAN_TYPES),
     'decay_epoch': ("--epoch E (TF's schedule)", lambda c: c.epoch is not None),
     'pair_weight': ('--paired True (trainA and trainB paired by file name)', lambda c: c.paired),

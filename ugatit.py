@@ -94,6 +94,7 @@ class UGATIT:
         self.regularisers = build_regularisers({'G': self.G, 'D': self.D}, self.weights)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=perf.amp == 'fp16')
         self.rho_clipper = RhoClipper(0, 1)
+        self.rhos = [m.rho for m in self.G.modules() if hasattr(m, 'rho')]   # AdaLIN/ILN's ρ, clipped after G steps
         objective, penalty = L.gan_objective(self.weights.gan_type, self.weights.GP_ld)
         self.gan_loss = L.GANLoss(cam_weight=self.weights.cam_D_weight, objective=objective, penalty=penalty)
         self.adv_weight = self.weights.adversarial()
@@ -107,8 +108,9 @@ class UGATIT:
         self.face_masking = build_face_masking(config.face_masks, self.device) if config.face_masks else None
         self.g_terms = L.build_generator_terms(config.generator_terms, self.device)
         self.frozen_on_other_groups = selective_backprop_params(self.G) if config.few_shot.selective_backprop else []
+        self.early_updates = build_early_updates(self.G, self.G_optim, config, self.dist)
         self.G_run, self.D_run, self.D_local = wrap_for_speed(
-            self.G, self.D, self.dist, perf.compile,
+            self.G, self.D, self.dist, perf.compile, mode=perf.compile_mode,
             untrained=untrainable_parameters(self.D, self.weights.cam_D_weight, self.regularisers['D']))
 
     # -- schedule ----------------------------------------------------------------------------------
@@ -280,7 +282,8 @@ class UGATIT:
             total = total + sum(terms.values())
         total = total + self._regularisation('G', logs)
         logs['G/total'] = total.detach()
-        self.scaler.scale(total).backward()
+        with self.early_updates.during_backward():   # the big MLP layers step as soon as their gradient is whole
+            self.scaler.scale(total).backward()
         if self.frozen_on_other_groups and not self._is_base_group_step(step):
             for p in self.frozen_on_other_groups:
                 p.grad = None   # Adam skips params without grad: no moment or weight-decay update
@@ -315,7 +318,7 @@ class UGATIT:
     def after_step(self, step: int, generator_updated: bool = True) -> None:
         """ρ clipping and EMA (after a G update only), and ADA's strength update."""
         if generator_updated:
-            self.G.apply(self.rho_clipper)
+            self.rho_clipper.clip(self.rhos)
         if self.ema is not None and generator_updated:
             for name, ema in self.ema.items():
                 ema.update(self.G[name], step)
@@ -484,6 +487,61 @@ def selective_backprop_params(G: nn.ModuleDict) -> list[nn.Parameter]:
     return [p for g in G.values() for block in g.DownBlock if isinstance(block, ResnetBlock)
             for p in block.parameters()]
 
+
+
+def build_early_updates(G: nn.ModuleDict, optimizer: torch.optim.Adam, config: Config, dist: DistributedContext
+                        ) -> EarlyUpdates:
+    """Each generator's MLP input layer (268 M of the full model's 279 M parameters) updated inside its
+    gradient hook; none where that would not be exact (see :class:`EarlyUpdates`) or when switched off."""
+    perf = config.performance
+    exact = perf.amp != 'fp16' and not dist.enabled and not perf.compile
+    return EarlyUpdates(optimizer, [g.FC[0].weight for g in G.values()] if perf.early_updates and exact else [])
+
+
+class EarlyUpdates:
+    """Adam steps of chosen parameters inside the backward pass, the moment their gradient is complete,
+    which is then freed: the gradients of the generators' big MLP layers (1 GiB each at 256 px) never
+    wait for the rest of the backward pass, the optimizer step or the next D step.
+
+    Exact: the step is the optimizer's own Adam (same hyperparameters, same foreach/fused kernel, the
+    same state dict entries: moments and step counts are shared), run on one tensor; Adam's update of
+    an element depends on nothing else, so weights and moments are bitwise those of the whole-optimizer
+    step, which then skips the parameter (its grad is None). Autograd sums every use of a leaf (each
+    forward pass, TF's L2 term) before accumulating it, so the hook runs once per backward pass, with
+    the whole gradient. Not used where the update must wait for every gradient: fp16 (the GradScaler
+    skips a step with any overflow), DDP (the gradient is averaged across ranks after the hook) and
+    --compile (hooks inside a compiled graph); those runs step as before.
+    """
+
+    def __init__(self, optimizer: torch.optim.Adam, params: list[nn.Parameter]) -> None:
+        self.optimizer = optimizer
+        self.params = params
+        self._group = {p: next(g for g in optimizer.param_groups if any(q is p for q in g['params']))
+                       for p in params}
+        self._alone = {p: torch.optim.Adam([p], **optimizer.defaults) for p in params}
+        self._active = False
+        for p in params:
+            p.register_post_accumulate_grad_hook(self._update)
+
+    @contextlib.contextmanager
+    def during_backward(self):
+        """Only the generator step's backward updates early (other backward passes, e.g. a reference
+        step in the tests, leave the gradient for the optimizer as usual)."""
+        self._active = True
+        try:
+            yield
+        finally:
+            self._active = False
+
+    @torch.no_grad()
+    def _update(self, p: nn.Parameter) -> None:
+        if not self._active:
+            return
+        single = self._alone[p]
+        single.state = self.optimizer.state   # one state (the checkpoint's G_optim); resume replaces the dict
+        single.param_groups[0]['lr'] = self._group[p]['lr']
+        single.step()
+        p.grad = None   # freed now; the whole-optimizer step skips a parameter without grad
 
 class StepUndo:
     """What a training step changes before its first optimizer update, kept so that an error there

@@ -106,7 +106,8 @@ def load(cfg: Config) -> Inference:
     path = find_checkpoint(cfg)
     translator, state = checkpoints.load_translator(path, cfg.performance.device, use_ema=not cfg.inference.no_ema,
                                                     flags=cfg.values, explicit=cfg.explicit,
-                                                    compile=cfg.performance.compile)
+                                                    compile=cfg.performance.compile,
+                                                    compile_mode=cfg.performance.compile_mode)
     translator.autocast = lambda: utils.autocast(cfg.performance.amp, translator.device.type)
     if cfg.inference.no_ema and state['uses_ema']:
         raise errors.UserError(f'--no_ema: {path} holds only the EMA generators (an export); export the raw ones '

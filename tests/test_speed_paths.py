@@ -98,3 +98,23 @@ def test_benchmark_reports_fast_and_reference_side_by_side(capsys):
     # The fast step skips the reference's second generator pass and D's backward into G.
     assert 0.6 < off.fast.flops / off.reference.flops < 0.9
     assert 'speed-up fast/ref' in printed and 'GFLOP/it' in printed and 'tiny' in printed
+
+
+@pytest.mark.parametrize('phase', ['train', 'test'])
+def test_compile_mode_reaches_torch_compile_on_every_path(tiny_dataset, tmp_path, monkeypatch, phase):
+    """--compile_mode reduce-overhead (CUDA graphs of each compiled network) is handed to every
+    torch.compile of the phase; without --compile it is a one-line error."""
+    import main
+    modes = []
+    monkeypatch.setattr(torch, 'compile', lambda module, mode='default', **kw: (modes.append(mode), module)[1])
+    flags = ['--compile', 'True', '--compile_mode', 'reduce-overhead']
+    if phase == 'train':
+        tiny_trainer(tiny_dataset, tmp_path, *flags)
+        assert len(modes) == 6   # two generators, four critics
+    else:
+        out = tmp_path / 'out'
+        assert main.main(tiny_flags(tiny_dataset, out, '--iteration', '1')) == 0
+        assert main.main(tiny_flags(tiny_dataset, out, '--phase', 'test', *flags)) == 0
+        assert len(modes) == 2
+    assert set(modes) == {'reduce-overhead'}
+    assert main.main(tiny_flags(tiny_dataset, tmp_path / 'x', '--compile_mode', 'reduce-overhead')) == 2
