@@ -119,6 +119,7 @@ class Performance:
     benchmark_flag: bool = False
     stack_batches: bool = True
     early_updates: bool = True          # exact: see ugatit.EarlyUpdates
+    recompute: bool = False             # exact, slower: see ugatit.Recomputed
 
 
 @dataclass(frozen=True)

@@ -274,6 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     perf.add_argument('--amp', default='off', choices=('off', 'bf16', 'fp16'), help='mixed precision')
     _flag(perf, '--channels_last', False, 'channels-last memory layout')
     _flag(perf, '--compile', False, 'torch.compile the networks')
+    _flag(perf, '--recompute', False, "recompute the generators' activations in their backward pass instead of "
+          'keeping them through the D step (exact; less memory, one more generator forward pass per step)')
     perf.add_argument('--compile_mode', default='default', choices=COMPILE_MODES,
                       help="torch.compile's mode with --compile: reduce-overhead also captures each compiled "
                       'network (forward and backward) as CUDA graphs, which removes most per-operation launch '

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 import augment
 import dataset as data
@@ -109,8 +110,9 @@ class UGATIT:
         self.g_terms = L.build_generator_terms(config.generator_terms, self.device)
         self.frozen_on_other_groups = selective_backprop_params(self.G) if config.few_shot.selective_backprop else []
         self.early_updates = build_early_updates(self.G, self.G_optim, config, self.dist)
+        generators = nn.ModuleDict({name: Recomputed(g) for name, g in self.G.items()}) if perf.recompute else self.G
         self.G_run, self.D_run, self.D_local = wrap_for_speed(
-            self.G, self.D, self.dist, perf.compile, mode=perf.compile_mode,
+            generators, self.D, self.dist, perf.compile, mode=perf.compile_mode,
             untrained=untrainable_parameters(self.D, self.weights.cam_D_weight, self.regularisers['D']))
 
     # -- schedule ----------------------------------------------------------------------------------
@@ -254,6 +256,7 @@ class UGATIT:
         self.scaler.scale(total).backward()
         self._undo.commit()   # the critics' update cannot be undone
         self.scaler.step(self.D_optim)
+        self.D_optim.zero_grad(set_to_none=True)   # not kept through the G step
 
     def g_step(self, batch, translations, masks: FaceMasks, logs, step: int) -> None:
         """Generators: adversarial, cycle, identity and CAM terms plus the active optional terms."""
@@ -288,6 +291,7 @@ class UGATIT:
             for p in self.frozen_on_other_groups:
                 p.grad = None   # Adam skips params without grad: no moment or weight-decay update
         self.scaler.step(self.G_optim)
+        self.G_optim.zero_grad(set_to_none=True)   # not kept through the next D step
 
     def _gradient_penalty(self, domain: str, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
         """--gan_type wgan-gp/wgan-lp/dragan: the penalty of both critics of ``domain``. The raw
@@ -542,6 +546,22 @@ class EarlyUpdates:
         single.param_groups[0]['lr'] = self._group[p]['lr']
         single.step()
         p.grad = None   # freed now; the whole-optimizer step skips a parameter without grad
+
+
+class Recomputed(nn.Module):
+    """A generator whose activations are recomputed during its backward pass instead of kept from the
+    forward pass (activation checkpointing, ``--recompute``): the six generator passes of a step keep
+    only their inputs while the D step runs. Exact: the same operations run again on the same inputs
+    (the generators draw no random numbers; the RNG state is restored for the recomputation anyway)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> GeneratorOutput:
+        if not torch.is_grad_enabled():
+            return self.net(x)
+        return checkpoint(self.net, x, use_reentrant=False)
 
 class StepUndo:
     """What a training step changes before its first optimizer update, kept so that an error there

@@ -59,6 +59,16 @@ def run_training(trainer) -> None:
     training_loop.TrainingRun(trainer, trainer.config).run()
 
 
+def record_gradients(module) -> dict:
+    """name -> the gradient each parameter of ``module`` receives in the next backward passes (the step
+    frees gradients after its optimizer steps, and updates the big MLP layers inside the backward)."""
+    seen: dict = {}
+    for name, p in module.named_parameters():
+        if p.requires_grad:
+            p.register_hook(lambda grad, name=name: seen.__setitem__(name, grad.detach().clone()))
+    return seen
+
+
 def random_batches(n: int, batch: int = 2, size: int = 32, seed: int = 123) -> list[dict]:
     """n batches of uniform images in [-1, 1] for both domains, from a seeded generator."""
     import torch

@@ -81,3 +81,28 @@ def test_a_resumed_run_with_early_updates_continues_bitwise(tiny_dataset, tmp_pa
 @pytest.mark.parametrize('flags', [('--amp', 'bf16', '--compile', 'True')])
 def test_paths_that_must_wait_for_every_gradient_update_late(tiny_dataset, tmp_path, flags):
     assert not tiny_trainer(tiny_dataset, tmp_path, *flags).early_updates.params
+
+
+@pytest.mark.parametrize('case', ['lsgan', 'n_critic_2', 'arch_tf'])
+def test_recomputed_generators_are_bitwise_the_kept_activations(tiny_dataset, tmp_path, case):
+    """--recompute: activation checkpointing of the generators changes no number."""
+    batches = random_batches(STEPS)
+    kept = _train(tiny_trainer(tiny_dataset, tmp_path, *CASES[case]), batches)
+    recomputed = _train(tiny_trainer(tiny_dataset, tmp_path, '--recompute', 'True', *CASES[case]), batches)
+    _assert_bitwise(_state(kept), _state(recomputed))
+
+
+def test_gradients_are_freed_after_each_optimizer_step(tiny_dataset, tmp_path):
+    """The generators' gradients lived through the next D step (2 GiB at 256 px), the critics' through
+    the G step; neither is needed after its optimizer step."""
+    trainer = tiny_trainer(tiny_dataset, tmp_path)
+    alive_in_g_step = []
+    real_g_step = trainer.g_step
+
+    def g_step(*args, **kwargs):
+        alive_in_g_step.append(any(p.grad is not None for p in trainer.D.parameters()))
+        return real_g_step(*args, **kwargs)
+    trainer.g_step = g_step
+    trainer.train_step(random_batches(1)[0], 1)
+    assert alive_in_g_step == [False]
+    assert all(p.grad is None for p in [*trainer.G.parameters(), *trainer.D.parameters()])
