@@ -120,6 +120,7 @@ class Performance:
     stack_batches: bool = True
     early_updates: bool = True          # exact: see ugatit.EarlyUpdates
     recompute: bool = False             # exact, slower: see ugatit.Recomputed
+    memory_check: bool = True           # CUDA: the estimated peak against the card at start-up
 
 
 @dataclass(frozen=True)

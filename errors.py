@@ -57,6 +57,10 @@ class TrainingDiverged(UserError):
     """A loss became NaN or infinite."""
 
 
+class OutOfMemory(UserError):
+    """The config does not fit the GPU: at start-up (from the estimate) or a CUDA out-of-memory error."""
+
+
 class WorkerDied(UserError):
     """A data-loading worker died where the step could not be undone; exit status 75 (EX_TEMPFAIL:
     try again, with --resume True)."""

@@ -276,6 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(perf, '--compile', False, 'torch.compile the networks')
     _flag(perf, '--recompute', False, "recompute the generators' activations in their backward pass instead of "
           'keeping them through the D step (exact; less memory, one more generator forward pass per step)')
+    _flag(perf, '--memory_check', True, "CUDA: estimate the config's peak memory at start-up (on the CPU, "
+          'seconds) and stop in one line naming the flags that fit when the card is too small')
     perf.add_argument('--compile_mode', default='default', choices=COMPILE_MODES,
                       help="torch.compile's mode with --compile: reduce-overhead also captures each compiled "
                       'network (forward and backward) as CUDA graphs, which removes most per-operation launch '

@@ -27,10 +27,11 @@ from tqdm import tqdm
 import checkpoints
 import dataset as data
 import distributed
+import memory_fit
 import run_folder
 import signals
 from config import Config
-from errors import DiskFull, Stopped, TrainingDiverged, WorkerDied
+from errors import DiskFull, OutOfMemory, Stopped, TrainingDiverged, WorkerDied
 from model import DIRECTIONS, Direction, Translator
 from run_folder import RunFiles
 from utils import human_size
@@ -62,7 +63,8 @@ class Trainer(Protocol):
 class TrainingRun:
     """One training run of ``trainer`` as ``config`` describes it; :meth:`run` does it all."""
 
-    def __init__(self, trainer: Trainer, config: Config, *, evaluation: object | None = None) -> None:
+    def __init__(self, trainer: Trainer, config: Config, *, evaluation: object | None = None,
+                 estimate: memory_fit.Estimator | None = None) -> None:
         self.trainer = trainer
         self.config = config
         self.dist = trainer.dist
@@ -72,6 +74,7 @@ class TrainingRun:
         self.data_files: dict | None = None   # the training file lists (see dataset.build_train_stream)
         self.last_saved: Path | None = None
         self._evaluation = evaluation          # FID/KID evaluator (built at start-up when None and asked for)
+        self.estimate = estimate or memory_estimator(type(trainer))   # a config's peak GPU memory (None: unknown)
 
     # -- the run -----------------------------------------------------------------------------------
 
@@ -89,6 +92,7 @@ class TrainingRun:
             self.log(f'already trained for {iterations} iterations; nothing to do')
             return
         self._check_disk_space()
+        self._check_memory()
         evaluation = self._build_evaluation()
         monitor = self._build_monitor()
         if self.dist.is_main:
@@ -100,6 +104,10 @@ class TrainingRun:
             self._loop(start, monitor, evaluation, stop)
         except (TrainingDiverged, KeyboardInterrupt, Stopped, DiskFull, WorkerDied):
             raise
+        except torch.OutOfMemoryError:
+            if self.trainer.step >= start:
+                self._save_after_error()
+            raise self._out_of_memory() from None
         except Exception:
             if self.trainer.step >= start:
                 self._save_after_error()
@@ -166,6 +174,28 @@ class TrainingRun:
             raise DiskFull(f'no room for a single checkpoint in {where}; free some space or use another --result_dir')
         if free < 2 * needed:
             self.log(f'warning: room for only one more checkpoint in {where}')
+
+    def _check_memory(self) -> None:
+        """On CUDA: one line comparing the config's estimated peak with what the card leaves this process;
+        a config that does not fit stops here, naming the flags that fit (--memory_check False skips)."""
+        device = self.trainer.device
+        if device.type != 'cuda' or self.estimate is None or not self.config.performance.memory_check:
+            return
+        fit = memory_fit.Fit(self.estimate(self.config).peak_bytes, *card_memory(device))
+        self.log(fit.line(str(device)))
+        if not fit.fits:
+            raise OutOfMemory(f'{fit.line(str(device))}; {memory_fit.advice(self.config, self.estimate, fit.usable)} '
+                              f'(or --memory_check False to try anyway)')
+
+    def _out_of_memory(self) -> OutOfMemory:
+        """A CUDA out-of-memory error as one line: what the config needs, what the card has, what fits."""
+        kept = f'the last checkpoint is kept ({self.last_saved or "none yet"}); resume with --resume True'
+        device = self.trainer.device
+        if device.type != 'cuda' or self.estimate is None:
+            return OutOfMemory(f'out of memory at step {self.trainer.step + 1}; {kept}')
+        fit = memory_fit.Fit(self.estimate(self.config).peak_bytes, *card_memory(device))
+        return OutOfMemory(f'CUDA out of memory at step {self.trainer.step + 1}: {fit.line(str(device))}; '
+                           f'{memory_fit.advice(self.config, self.estimate, fit.usable)}; {kept}')
 
     def _build_monitor(self):
         if not self.dist.is_main:
@@ -338,6 +368,20 @@ class TrainingRun:
 def train(trainer: Trainer, config: Config) -> None:
     """Run the training ``config`` describes with ``trainer``."""
     TrainingRun(trainer, config).run()
+
+
+def memory_estimator(trainer_class: type) -> memory_fit.Estimator | None:
+    """A config's peak memory for trainers memory.py can measure (``memory_training()``), else None."""
+    if not hasattr(trainer_class, 'memory_training'):
+        return None
+    import memory
+    return lambda config: memory.estimate(config, lambda c: trainer_class(c).memory_training())
+
+
+def card_memory(device: torch.device) -> tuple[int, int]:
+    """(bytes this process can use, the card's total): the free memory plus what its allocator holds."""
+    free, total = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device), total
 
 
 class LossMeter:
