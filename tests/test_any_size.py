@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import errors
-import images
+import images as image_arrays
 from inference import sizing
 from model import ArchConfig, Translator
 from networks import ResnetGenerator
@@ -77,7 +77,7 @@ def test_without_keep_size_the_test_transform_is_used():
     translation, heatmap = sizing.translate_image(model, image, 'A2B', keep_size=False)
     expected = model.translate(test_transform(32)(image).unsqueeze(0), 'A2B').image[0]
     assert translation.shape == heatmap.shape == (32, 32, 3)
-    assert np.array_equal(translation, images.tensor_to_uint8(expected))
+    assert np.array_equal(translation, image_arrays.tensor_to_uint8(expected))
 
 
 def test_too_small_images_are_a_user_error():

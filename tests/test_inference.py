@@ -13,6 +13,7 @@ import torch
 from conftest import make_dataset, make_domain, tiny_flags
 
 import checkpoints
+import images as image_arrays
 import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,7 +53,7 @@ def test_img_dir_needs_only_the_checkpoint(trained, tmp_path):
     del image  # the loader's PIL resize differs from cv2's; the exact values are checked below
     from dataset import build_test_loader
     images, _ = next(iter(build_test_loader(photos, 32)))
-    np.testing.assert_array_equal(out, images.tensor_to_uint8(translator.translate(images, 'A2B').image[0]))
+    np.testing.assert_array_equal(out, image_arrays.tensor_to_uint8(translator.translate(images, 'A2B').image[0]))
 
 
 def test_every_inference_phase_runs_from_the_checkpoint_alone(trained, tmp_path):
