@@ -572,6 +572,7 @@ class TrainStream:
     def __next__(self) -> dict[str, torch.Tensor]:
         if self._iterator is None:  # workers start on first use
             self._iterator = iter(self.loader)
+            _report_worker_deaths_in_next(self._iterator)
         batch = next(self._iterator)
         self.ledger.note(batch.pop('skipped'), batch.pop('failed', None))
         return batch
@@ -593,6 +594,17 @@ class TrainStream:
             if worker.is_alive():
                 worker.kill()
                 worker.join(timeout_s)
+
+
+def _report_worker_deaths_in_next(iterator: Iterator) -> None:
+    """Leave a dead worker to ``next()``. PyTorch's SIGCHLD handler raises its RuntimeError wherever the main
+    thread happens to be: inside a training step after an optimizer update, which cannot be undone (the run
+    then ends with WorkerDied), or while a checkpoint is written (a crash). Unregistered from that handler,
+    the iterator's workers are checked by ``next()`` itself, which looks at them whenever no batch has come
+    for 5 s (MP_STATUS_CHECK_INTERVAL): the loop then replaces the loader before the step begins."""
+    if getattr(iterator, '_worker_pids_set', False):
+        torch.utils.data._utils.signal_handling._remove_worker_pids(id(iterator))
+        iterator._worker_pids_set = False
 
 
 def is_worker_death(exc: BaseException) -> bool:
