@@ -520,7 +520,9 @@ class EarlyUpdates:
     def __init__(self, optimizer: torch.optim.Adam, params: list[nn.Parameter]) -> None:
         self.optimizer = optimizer
         self.params = params
-        self._group = {p: next(g for g in optimizer.param_groups if any(q is p for q in g['params']))
+        # The group's index: load_state_dict (resume) replaces the group dicts, and the LR schedule sets
+        # the new ones' lr.
+        self._group = {p: next(i for i, g in enumerate(optimizer.param_groups) if any(q is p for q in g['params']))
                        for p in params}
         self._alone = {p: torch.optim.Adam([p], **optimizer.defaults) for p in params}
         self._active = False
@@ -543,7 +545,7 @@ class EarlyUpdates:
             return
         single = self._alone[p]
         single.state = self.optimizer.state   # one state (the checkpoint's G_optim); resume replaces the dict
-        single.param_groups[0]['lr'] = self._group[p]['lr']
+        single.param_groups[0]['lr'] = self.optimizer.param_groups[self._group[p]]['lr']
         single.step()
         p.grad = None   # freed now; the whole-optimizer step skips a parameter without grad
 

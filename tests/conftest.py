@@ -59,6 +59,26 @@ def run_training(trainer) -> None:
     training_loop.TrainingRun(trainer, trainer.config).run()
 
 
+@pytest.fixture
+def one_torch_thread():
+    """One intra-op thread (as the subprocesses' OMP_NUM_THREADS=1): on a shared 2-core machine two
+    spinning threads made a run 30x slower."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def trained_checkpoint(tmp_path_factory, name: str) -> Path:
+    """A 2-step tiny light model's checkpoint (translates any size with --keep_size)."""
+    import main
+    tmp = tmp_path_factory.mktemp(name)
+    root = make_dataset(tmp / 'tiny', (2, 2, 1, 1))
+    assert main.main(tiny_flags(root, tmp / 'out', '--iteration', '2', '--save_freq', '2')) == 0
+    return tmp / 'out' / 'tiny' / 'model' / 'tiny_params_0000002.pt'
+
+
 def record_gradients(module) -> dict:
     """name -> the gradient each parameter of ``module`` receives in the next backward passes (the step
     frees gradients after its optimizer steps, and updates the big MLP layers inside the backward)."""

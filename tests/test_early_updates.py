@@ -3,6 +3,8 @@ no number: weights, Adam moments and EMA copies are bitwise those of the step th
 backward pass, over several steps, for the GAN types, n_critic, EMA, ADA, TF's L2 term and a resume."""
 from __future__ import annotations
 
+import io
+
 import pytest
 import torch
 from conftest import random_batches, tiny_trainer
@@ -68,12 +70,18 @@ def test_early_updates_free_the_gradient_as_soon_as_it_is_whole(tiny_dataset, tm
 
 
 def test_a_resumed_run_with_early_updates_continues_bitwise(tiny_dataset, tmp_path):
+    """Resumed where PT's schedule decays the LR (a 4-step run: from step 3): load_state_dict replaces
+    the optimizer's state and group dicts, which the early steps must follow (they kept the old group's
+    lr before the fix; the CLI resume of tests/test_kills.py found it)."""
+    flags = ('--ema', 'True', '--ema_start', '0', '--iteration', str(STEPS))
     batches = random_batches(STEPS)
-    unbroken = _train(tiny_trainer(tiny_dataset, tmp_path, '--ema', 'True', '--ema_start', '0'), batches)
-    first = _train(tiny_trainer(tiny_dataset, tmp_path, '--ema', 'True', '--ema_start', '0'), batches[:2])
-    saved = first.state_dict()
-    resumed = tiny_trainer(tiny_dataset, tmp_path, '--ema', 'True', '--ema_start', '0')
-    resumed.load_state_dict(saved)   # replaces the optimizer's state dict: the early steps must follow it
+    unbroken = _train(tiny_trainer(tiny_dataset, tmp_path, *flags), batches)
+    first = _train(tiny_trainer(tiny_dataset, tmp_path, *flags), batches[:2])
+    buffer = io.BytesIO()
+    torch.save(first.state_dict(), buffer)   # through a file's bytes, as a resume reads it
+    buffer.seek(0)
+    resumed = tiny_trainer(tiny_dataset, tmp_path, *flags)
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
     _train(resumed, batches[2:], first=3)
     _assert_bitwise(_state(unbroken), _state(resumed))
 

@@ -28,6 +28,8 @@ import main
 import run_folder
 from errors import UserError
 
+pytestmark = pytest.mark.usefixtures('one_torch_thread')
+
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 300   # one training process or torchrun job: 10-40 s on 2 idle cores, minutes when others share them
 DDP_STEPS = 12    # the 2-rank runs; every step saved, so any checkpoint can be compared with the unbroken run's
@@ -517,13 +519,6 @@ def _injecting_main(folder: Path) -> Path:
     return script
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """In-process runs with one intra-op thread (as the subprocesses' OMP_NUM_THREADS=1)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope='module')

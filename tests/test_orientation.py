@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_dataset, tiny_flags
+from conftest import trained_checkpoint
 from PIL import ExifTags, Image
 
 import dataset as data
@@ -88,11 +88,7 @@ def test_training_stream_reads_photos_upright(tmp_path):
 
 @pytest.fixture(scope='module')
 def checkpoint(tmp_path_factory) -> Path:
-    """A 2-step tiny light model (translates any size with --keep_size)."""
-    tmp = tmp_path_factory.mktemp('orientation')
-    root = make_dataset(tmp / 'tiny', (2, 2, 1, 1))
-    assert main.main(tiny_flags(root, tmp / 'out', '--iteration', '2', '--save_freq', '2')) == 0
-    return tmp / 'out' / 'tiny' / 'model' / 'tiny_params_0000002.pt'
+    return trained_checkpoint(tmp_path_factory, 'orientation')
 
 
 @pytest.mark.parametrize('extra', [(), ('--keep_size', 'True'), ('--crop', 'center')],

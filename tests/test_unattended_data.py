@@ -11,7 +11,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import torch
 from conftest import assert_same_weights, make_dataset, tiny_flags
 
 import checkpoints
@@ -27,13 +26,7 @@ PREFETCHED = 4
 _TRAIN_STEP = UGATIT.train_step
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """One intra-op thread: on a shared 2-core machine two spinning threads made a run 30x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_torch_thread')
 
 
 def _flags(dataset: Path, out: Path, *extra: str) -> list[str]:

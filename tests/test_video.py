@@ -7,7 +7,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from conftest import make_dataset, tiny_flags
+from conftest import trained_checkpoint
 
 import main
 from inference import video
@@ -68,10 +68,7 @@ def video_frames(path: Path) -> list[np.ndarray]:
 
 @pytest.fixture(scope='module')
 def checkpoint(tmp_path_factory) -> Path:
-    tmp = tmp_path_factory.mktemp('video')
-    root = make_dataset(tmp / 'tiny', (2, 2, 1, 1))
-    assert main.main(tiny_flags(root, tmp / 'out', '--iteration', '2', '--save_freq', '2')) == 0
-    return tmp / 'out' / 'tiny' / 'model' / 'tiny_params_0000002.pt'
+    return trained_checkpoint(tmp_path_factory, 'video')
 
 
 def run_video_phase(checkpoint: Path, clip: Path, out: Path, phase: str = 'video') -> int:
