@@ -1,0 +1,75 @@
+"""What the lower-precision opt-ins cost: train the demo preset with each variant and several seeds,
+score each with ``scripts/paired_demo_score.py`` and print mean ± standard deviation per direction.
+
+One training process at a time (set OMP_NUM_THREADS=1 for one thread each):
+
+    OMP_NUM_THREADS=1 python scripts/low_memory_quality.py --steps 250 --seeds 0,1,2 --out /tmp/lowmem
+
+Each run is ``main.py --preset demo --device cpu --iteration STEPS --seed S`` plus the variant's flags;
+finished runs (a score file in their folder) are not run again, so an interrupted sweep continues.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+VARIANTS = {
+    'fp32': [],
+    '8bit moments': ['--optim_state', '8bit'],
+    '4bit moments': ['--optim_state', '4bit'],
+    'bf16 EMA': ['--ema_dtype', 'bf16'],
+    '8bit + bf16 EMA': ['--optim_state', '8bit', '--ema_dtype', 'bf16'],
+}
+KEYS = ('A2B_ema', 'B2A_ema', 'A2B_raw', 'B2A_raw')
+
+
+def run_one(out: Path, flags: list[str], steps: int, seed: int) -> dict:
+    """Train one variant and score its last checkpoint (cached in ``score.json``)."""
+    cached = out / 'score.json'
+    if cached.exists():
+        return json.loads(cached.read_text())
+    start = time.monotonic()
+    subprocess.run([sys.executable, 'main.py', '--preset', 'demo', '--device', 'cpu', '--num_workers', '0',
+                    '--iteration', str(steps), '--save_freq', str(steps), '--print_freq', str(steps),
+                    '--seed', str(seed), '--result_dir', str(out), '--overwrite', 'True', *flags],
+                   cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    seconds = time.monotonic() - start
+    checkpoint = out / 'demo' / 'model' / f'demo_params_{steps:07d}.pt'
+    printed = subprocess.run([sys.executable, 'scripts/paired_demo_score.py', '--checkpoint', str(checkpoint)],
+                             cwd=ROOT, check=True, capture_output=True, text=True).stdout
+    result = {k: float(v) for k, v in (item.split('=') for item in printed.split())}
+    result['seconds'] = seconds
+    cached.write_text(json.dumps(result))
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--steps', type=int, default=250, help='training steps of each run')
+    parser.add_argument('--seeds', default='0,1,2', help='comma-separated seeds')
+    parser.add_argument('--variants', default=','.join(VARIANTS), help='comma-separated names from: '
+                        + ', '.join(VARIANTS))
+    parser.add_argument('--out', type=Path, default=Path('results/low_memory_quality'), help='runs go here')
+    args = parser.parse_args(argv)
+    seeds = [int(s) for s in args.seeds.split(',')]
+    rows = ['| variant | ' + ' | '.join(KEYS) + ' | s/run |', '|---' * (len(KEYS) + 2) + '|']
+    for name in args.variants.split(','):
+        results = []
+        for seed in seeds:
+            folder = args.out / f"{name.replace(' ', '_').replace('+', 'and')}_seed{seed}"
+            results.append(run_one(folder, VARIANTS[name], args.steps, seed))
+            print(f'{name} seed {seed}: ' + ' '.join(f'{k}={v:.4f}' for k, v in results[-1].items()), flush=True)
+        cells = [f'{statistics.mean(r[k] for r in results):.4f} ± {statistics.stdev(r[k] for r in results):.4f}'
+                 for k in KEYS]
+        rows.append(f'| {name} | ' + ' | '.join(cells) + f' | {statistics.mean(r["seconds"] for r in results):.0f} |')
+    print('\n'.join(rows))
+
+
+if __name__ == '__main__':
+    main()
