@@ -18,6 +18,9 @@ state tensors are stored as plain tensors (:func:`encode_optimizer_state`) and r
 from __future__ import annotations
 
 import importlib.util
+import os
+import shutil
+import sys
 from collections.abc import Iterable
 
 import torch
@@ -37,6 +40,20 @@ _ENCODED = '__torchao_optim_state__'   # marks a torchao state tensor stored as 
 
 def torchao_missing() -> bool:
     return importlib.util.find_spec('torchao') is None
+
+
+def torchao_import_error() -> str | None:
+    """None when torchao's optimizers import, else the first line of why not (a torch it was not built for)."""
+    try:
+        import torchao.optim  # noqa: F401
+    except Exception as exc:   # noqa: BLE001 - any import failure is reported in one line
+        return f'{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ""}'
+    return None
+
+
+def cpp_compiler() -> str | None:
+    """The C++ compiler torch.compile's CPU backend (inductor) looks for: $CXX, else g++ (clang++ on macOS)."""
+    return shutil.which(os.environ.get('CXX') or ('clang++' if sys.platform == 'darwin' else 'g++'))
 
 
 def is_low_bit(param: torch.Tensor, optim_state: str) -> bool:

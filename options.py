@@ -211,11 +211,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Adam's two moments of every tensor of >= 4096 values (the full model's 268 M-weight "
                         "MLP FC, the convs) in blockwise 8 or 4 bits via torchao's Adam8bit/Adam4bit (coupled "
                         'weight decay, as PT); smaller tensors stay fp32. Not exact: changes the training. '
-                        '8bit saves 3.7 GB, 4bit 4.2 GB on the full model at 256 px (pip install torchao)')
+                        'Saves 3.7 GiB (8bit) or 4.3 GiB (4bit) on the full model (pip install torchao)')
     memory.add_argument('--ema_dtype', default='fp32', choices=low_memory.EMA_DTYPES,
                         help='the EMA copies of the generators in bfloat16: each update is computed in float32 '
                         'and stochastically rounded (round-to-nearest would freeze the copy at --ema_beta 0.9999). '
-                        'Not exact: the EMA weights carry bf16 rounding noise; saves 1.0 GB on the full model')
+                        'Not exact: the EMA weights carry bf16 rounding noise; saves 1.0 GiB on the full model')
 
     data = parser.add_argument_group('data')
     data.add_argument('--num_workers', type=int, default=min(4, os.cpu_count() or 1),
@@ -371,13 +371,14 @@ def validate(flags: argparse.Namespace, explicit: frozenset[str] = frozenset()) 
         _validate_gan(cfg, fail)
         _validate_face(cfg, fail)
         _validate_few_shot(cfg, fail)
-        _validate_memory(cfg, fail)
         _validate_options_of_features_that_are_off(cfg, fail)
     else:
         cfg.use_faceseg = False   # inference builds no training-only network
     _validate_dataset(cfg)
     _validate_phase(cfg, fail)
     cfg.device = _resolve_device(cfg.device, cfg.amp, fail)
+    if cfg.phase == 'train':
+        _validate_memory(cfg, fail)
     values = {key: value for key, value in vars(cfg).items() if key != 'explicit'}
     return Config.from_values(values, cfg.explicit)
 
@@ -471,8 +472,18 @@ def _validate_few_shot(cfg, fail) -> None:
 
 
 def _validate_memory(cfg, fail) -> None:
-    if cfg.optim_state != 'fp32' and low_memory.torchao_missing():
-        fail(f'--optim_state {cfg.optim_state} needs torchao: pip install torchao (see requirements-extras.txt)')
+    """torchao present and importable; on the CPU its step is compiled by inductor, which needs a C++ compiler."""
+    if cfg.optim_state == 'fp32':
+        return
+    flag = f'--optim_state {cfg.optim_state}'
+    if low_memory.torchao_missing():
+        fail(f'{flag} needs torchao: pip install torchao (see requirements-extras.txt)')
+    problem = low_memory.torchao_import_error()
+    if problem:
+        fail(f'{flag}: torchao does not import with this torch ({problem}): pip install -U torchao')
+    if cfg.device == 'cpu' and not low_memory.cpp_compiler():
+        fail(f"{flag} on the CPU: torchao's step is compiled by torch.compile, which needs a C++ compiler "
+             '(apt-get install g++, or set CXX)')
 
 
 # Options that act only while another feature is on: given without it, they are an error rather

@@ -164,10 +164,19 @@ def test_resume_with_other_optim_state_is_a_one_line_error(tiny_dataset, tmp_pat
 def test_bad_combinations_are_one_line_errors(tiny_dataset, tmp_path, monkeypatch):
     with pytest.raises(UserError, match=r'^--ema_dtype has no effect without --ema True'):
         options.parse_args(tiny_flags(tiny_dataset, tmp_path, '--ema', 'False', '--ema_dtype', 'bf16'))
+    monkeypatch.setattr(low_memory, 'cpp_compiler', lambda: None)
+    with pytest.raises(UserError, match=r"^--optim_state 8bit on the CPU: torchao's step is compiled by torch.compile"
+                                        r', which needs a C\+\+ compiler'):
+        options.parse_args(tiny_flags(tiny_dataset, tmp_path, '--optim_state', '8bit'))
+    monkeypatch.setattr(low_memory, 'torchao_import_error', lambda: "ImportError: cannot import name 'x'")
+    with pytest.raises(UserError, match=r'^--optim_state 8bit: torchao does not import with this torch .*'
+                                        r'pip install -U torchao$'):
+        options.parse_args(tiny_flags(tiny_dataset, tmp_path, '--optim_state', '8bit'))
     monkeypatch.setattr(low_memory, 'torchao_missing', lambda: True)
     with pytest.raises(UserError, match=r'^--optim_state 4bit needs torchao: pip install torchao'):
         options.parse_args(tiny_flags(tiny_dataset, tmp_path, '--optim_state', '4bit'))
-    options.parse_args(tiny_flags(tiny_dataset, tmp_path))   # fp32 needs no torchao
+    options.parse_args(tiny_flags(tiny_dataset, tmp_path))   # fp32 needs none of it
+    options.parse_args(tiny_flags(tiny_dataset, tmp_path, '--optim_state', '8bit', '--phase', 'test'))   # no Adam
 
 
 def test_bf16_ema_follows_the_weights_at_beta_0_9999():
