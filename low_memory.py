@@ -126,10 +126,11 @@ def decode_optimizer_state(state_dict: dict) -> dict:
                                     for index, s in state_dict['state'].items()}}
 
 
-def check_resume(stored_values: dict, optim_state: str, has_optimizer_state: bool) -> None:
-    """Moments are not converted between precisions: a one-line error when the checkpoint's differ."""
+def check_resume(stored_values: dict, optim_state: str) -> None:
+    """Moments are not converted between precisions: a one-line error when the checkpoint's (its
+    recorded flags; none before this flag existed: fp32) differ from this run's."""
     stored = stored_values.get('optim_state', 'fp32')
-    if has_optimizer_state and stored != optim_state:
+    if stored != optim_state:
         raise UserError(f'the checkpoint holds {stored} Adam moments and --optim_state is {optim_state}: '
                         f'resume with --optim_state {stored} (moments are not converted between precisions)')
 

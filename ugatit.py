@@ -421,7 +421,7 @@ class UGATIT:
         if weights_only:
             return notes
         if 'G_optim' in state:
-            low_memory.check_resume(state.get('config', {}), self.config.memory.optim_state, True)
+            low_memory.check_resume(state.get('config', {}), self.config.memory.optim_state)
             self.G_optim.load_state_dict(low_memory.decode_optimizer_state(state['G_optim']))
             if notes:   # a new group head changed D's parameter list: its moments cannot be matched
                 notes.append('discriminator optimizer moments start fresh (new group head)')

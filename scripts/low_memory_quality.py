@@ -1,5 +1,6 @@
 """What the lower-precision opt-ins cost: train the demo preset with each variant and several seeds,
-score each with ``scripts/paired_demo_score.py`` and print mean ± standard deviation per direction;
+score each with ``scripts/paired_demo_score.py`` and print mean ± standard deviation per direction, and
+each variant's difference from fp32 with the same seed;
 ``--savings``: what each saves on the full model (256 px), from its parameter counts on the meta device.
 
 One training process at a time (set OMP_NUM_THREADS=1 for one thread each):
@@ -105,6 +106,13 @@ def main(argv: list[str] | None = None) -> None:
         cells = [f'{statistics.mean(r[k] for r in runs):.4f} ± {statistics.stdev(r[k] for r in runs):.4f}'
                  for k in KEYS]
         rows.append(f'| {name} | ' + ' | '.join(cells) + f' | {statistics.mean(r["seconds"] for r in runs):.0f} |')
+    if 'fp32' in results and len(results) > 1:   # paired by seed: same data order and initial weights
+        rows += ['', '| Δ vs fp32, same seed | ' + ' | '.join(KEYS) + ' |', '|---' * (len(KEYS) + 1) + '|']
+        for name, runs in results.items():
+            if name != 'fp32':
+                deltas = {k: [r[k] - base[k] for r, base in zip(runs, results['fp32'])] for k in KEYS}
+                rows.append(f'| {name} | ' + ' | '.join(
+                    f'{statistics.mean(d):+.4f} ± {statistics.stdev(d):.4f}' for d in deltas.values()) + ' |')
     print('\n'.join(rows))
 
 
