@@ -99,6 +99,18 @@ class EmaOptions:
 
 
 @dataclass(frozen=True)
+class MemoryOptions:
+    """Lower-precision training state for small GPUs (``low_memory.py``). Not exact; the defaults are."""
+
+    optim_state: str = 'fp32'           # Adam moments of tensors >= 4096 values: fp32, 8bit or 4bit (torchao)
+    ema_dtype: str = 'fp32'             # EMA copies: fp32, or bf16 with stochastically rounded updates
+
+    @property
+    def exact(self) -> bool:
+        return self.optim_state == 'fp32' and self.ema_dtype == 'fp32'
+
+
+@dataclass(frozen=True)
 class FewShot:
     """F2W's groups: the few-shot sub-folders and selective backprop of the generator bottleneck."""
 
@@ -178,6 +190,7 @@ class Config:
     few_shot: FewShot
     performance: Performance
     inference: InferenceOptions
+    memory: MemoryOptions
     values: Mapping = dataclasses.field(default_factory=dict, compare=False)   # resolved flags (read-only)
     explicit: frozenset[str] = frozenset()                                     # flags given on the command line
 
@@ -207,6 +220,7 @@ class Config:
             few_shot=FewShot(groups=groups, selective_backprop=v['selective_backprop'], base_group=v['base_group']),
             performance=_part(Performance, v),
             inference=_part(InferenceOptions, v),
+            memory=_part(MemoryOptions, v),   # a checkpoint from before these flags: the fp32 defaults
             values=MappingProxyType(v),
             explicit=frozenset(explicit),
         )

@@ -33,6 +33,7 @@ import augment
 import dataset as data
 import images
 import losses as L
+import low_memory
 import memory
 import utils
 from checkpoints import PT_KEYS, TRAINING_FORMAT, load_module, state_nbytes
@@ -123,8 +124,7 @@ class UGATIT:
 
     def _set_lr(self, lr: float) -> None:
         for optim in (self.G_optim, self.D_optim):
-            for group in optim.param_groups:
-                group['lr'] = lr
+            low_memory.set_lr(optim, lr)
 
     @property
     def has_ema(self) -> bool:
@@ -363,9 +363,12 @@ class UGATIT:
 
     def translator(self, use_ema: bool = True) -> Translator:
         """The generators as a Translator (EMA copies when there are some and they are wanted)."""
-        nets = {d.name: self.ema[d.name].model if use_ema and self.ema is not None else self.G[d.name]
-                for d in DIRECTIONS}
-        return Translator(nets, self.arch, self.device, self.autocast)
+        ema = use_ema and self.ema is not None
+        nets = {d.name: self.ema[d.name].model if ema else self.G[d.name] for d in DIRECTIONS}
+        autocast = self.autocast
+        if ema and self.config.memory.ema_dtype == 'bf16' and self.config.performance.amp == 'off':
+            autocast = lambda: utils.autocast('bf16', self.device.type)  # noqa: E731 - bf16 weights, fp32 inputs
+        return Translator(nets, self.arch, self.device, autocast)
 
     def translate(self, images: torch.Tensor, direction: str, use_ema: bool = True) -> GeneratorOutput:
         """Translate a batch in [-1, 1] (eval mode, no autograd)."""
@@ -410,7 +413,8 @@ class UGATIT:
         if self.ema is not None:
             state.update({f'gen{name}_ema': ema.model.state_dict() for name, ema in self.ema.items()})
         state.update({
-            'G_optim': self.G_optim.state_dict(), 'D_optim': self.D_optim.state_dict(),
+            'G_optim': low_memory.encode_optimizer_state(self.G_optim.state_dict()),
+            'D_optim': low_memory.encode_optimizer_state(self.D_optim.state_dict()),
             'scaler': self.scaler.state_dict(), 'step': self.step, 'lr': self.lr_at(self.step),
             'rng': utils.rng_state(), 'architecture': self.arch.to_dict(), 'config': self.config.to_dict(),
             'format': TRAINING_FORMAT,
@@ -432,11 +436,12 @@ class UGATIT:
         if weights_only:
             return notes
         if 'G_optim' in state:
-            self.G_optim.load_state_dict(state['G_optim'])
+            low_memory.check_resume(state.get('config', {}), self.config.memory.optim_state)
+            self.G_optim.load_state_dict(low_memory.decode_optimizer_state(state['G_optim']))
             if notes:   # a new group head changed D's parameter list: its moments cannot be matched
                 notes.append('discriminator optimizer moments start fresh (new group head)')
             else:
-                self.D_optim.load_state_dict(state['D_optim'])
+                self.D_optim.load_state_dict(low_memory.decode_optimizer_state(state['D_optim']))
             if state.get('scaler'):   # an --amp off/bf16 run stores an empty (disabled) scaler: fp16 starts fresh
                 self.scaler.load_state_dict(state['scaler'])
             utils.set_rng_state(state['rng'])
@@ -453,12 +458,15 @@ class UGATIT:
 # What the trainer builds besides the networks, each from its part of the config
 
 
-def build_adam(params, config: Config, device: torch.device) -> torch.optim.Adam:
+def build_adam(params, config: Config, device: torch.device) -> torch.optim.Optimizer:
     """PT's Adam (β = 0.5, 0.999), fused on CUDA; --arch tf regularises with an L2 loss term instead of
-    the coupled weight decay."""
-    fast = {'fused': True} if device.type == 'cuda' else {'foreach': True}
+    the coupled weight decay. --optim_state 8bit/4bit: torchao's Adam with low-bit moments (not exact)."""
     weights = config.losses
     weight_decay = 0.0 if weights.kernel_l2 else weights.weight_decay
+    if config.memory.optim_state != 'fp32':
+        return low_memory.low_bit_adam(params, config.memory.optim_state, config.schedule.lr, (0.5, 0.999),
+                                       weight_decay)
+    fast = {'fused': True} if device.type == 'cuda' else {'foreach': True}
     return torch.optim.Adam(params, lr=config.schedule.lr, betas=(0.5, 0.999), weight_decay=weight_decay, **fast)
 
 
@@ -473,6 +481,10 @@ def build_ema(G: nn.ModuleDict, config: Config) -> dict[str, utils.EMA] | None:
     if options is None:
         return None
     start = int(options.start * config.schedule.iterations)
+    if config.memory.ema_dtype == 'bf16':   # not exact (low_memory.BF16EMA)
+        return {d.name: low_memory.BF16EMA(G[d.name], options.beta, start, options.rampup,
+                                           seed=data.derive_seed(config.run.seed, 'ema', d.name))
+                for d in DIRECTIONS}
     return {d.name: utils.EMA(G[d.name], options.beta, start, options.rampup) for d in DIRECTIONS}
 
 

@@ -17,6 +17,8 @@ call, ``torchrun``) as a subprocess on a small generated dataset:
   skips, and two of the eight other combinations (each value once) run unless ``--full``.
 - ``benchmark-*``: ``scripts/benchmark.py`` against the reference step in the same process (CUDA: full and
   light 256 px, ``--amp off,bf16,fp16``; CPU: the tiny config, off and bf16); its table is printed too.
+- ``low-memory``: ``--optim_state 8bit --ema_dtype bf16`` killed and resumed as above (torchao compiles
+  its step: on the CPU only with ``UGATIT_SLOW_TESTS=1``).
 - ``ada`` (kill and resume as above), ``channels_last``, ``compile`` (on the CPU only with
   ``UGATIT_SLOW_TESTS=1``: minutes of compilation), ``faceseg`` and ``facenet`` (random weights written
   to a file, as a user's downloaded ones), ``ddp`` and ``ddp-cam_D_off`` (torchrun, 2 processes: on CUDA
@@ -509,6 +511,14 @@ def compile_row(ctx: Context, row: RowRun) -> tuple[float | None, str]:
     return train_and_test(ctx, row, '--compile', 'True', '--iteration', '10', test=('--compile', 'True'))
 
 
+def low_memory_row(ctx: Context, row: RowRun) -> tuple[float | None, str]:
+    """--optim_state 8bit --ema_dtype bf16 (torchao's compiled low-bit Adam): kill, resume, test."""
+    if not ctx.cuda and os.environ.get('UGATIT_SLOW_TESTS') != '1':
+        raise Skip("minutes of compiling torchao's step on a CPU: set UGATIT_SLOW_TESTS=1")
+    needs('torchao')
+    return resume_cycle(ctx, row, '--optim_state', '8bit', '--ema_dtype', 'bf16')
+
+
 def face_steps(ctx: Context) -> list[str]:
     """The face networks run at 512 (BiSeNet) and 160 px (FaceNet) whatever the model's size: on the CPU
     three steps, the fewest that give an s/it."""
@@ -618,7 +628,7 @@ def build_rows(ctx: Context) -> list[Row]:
     beside the others), the resume paths and amp modes, the benchmark alone, then the other features."""
     cuda = ctx.cuda
     cpu_subset = {('lsgan', 'off', 1), ('wgan-gp', 'bf16', 2)}
-    rows = [Row('compile', compile_row, 360 if cuda else 900)]
+    rows = [Row('compile', compile_row, 360 if cuda else 900), Row('low-memory', low_memory_row, 360 if cuda else 900)]
     rows += [Row(f'resume-{gan}-{amp}-nc{n}', resume_row(gan, amp, n, (gan, amp, n) in cpu_subset), 180)
              for amp in ('off', 'fp16', 'bf16') for gan in ('lsgan', 'wgan-gp') for n in (1, 2)]
     if cuda:   # alone: timings without other rows on the GPU

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MUST_PASS = {'resume-lsgan-off-nc1', 'resume-wgan-gp-bf16-nc2', 'benchmark-tiny', 'ada', 'channels_last',
              'faceseg', 'facenet', 'ddp', 'ddp-cam_D_off', 'export', 'demo'}
 # Rows that may skip here, with the words their reason must contain.
-MAY_SKIP = {'compile': 'UGATIT_SLOW_TESTS', 'onnx': 'not installed'}
+MAY_SKIP = {'compile': 'UGATIT_SLOW_TESTS', 'low-memory': 'UGATIT_SLOW_TESTS', 'onnx': 'not installed'}
 FP16_ROWS = {f'resume-{gan}-fp16-nc{n}' for gan in ('lsgan', 'wgan-gp') for n in (1, 2)}
 
 

@@ -366,6 +366,7 @@ FEATURES = {
                                             '--hard_seg_edge', 'True', '--tv_weight', '1')),
     'facenet': Feature(('--face_distance_weight', '0.5', '--facenet_weights', '{facenet}')),
     'ema': Feature(('--ema', 'True', '--ema_start', '0')),
+    'ema_bf16': Feature(('--ema', 'True', '--ema_start', '0', '--ema_dtype', 'bf16')),
     'n_critic_2': Feature(('--n_critic', '2')),
     'wgan_gp': Feature(('--gan_type', 'wgan-gp')),
     'dragan': Feature(('--gan_type', 'dragan')),
