@@ -510,7 +510,8 @@ def build_early_updates(G: nn.ModuleDict, optimizer: torch.optim.Adam, config: C
     """Each generator's MLP input layer (268 M of the full model's 279 M parameters) updated inside its
     gradient hook; none where that would not be exact (see :class:`EarlyUpdates`) or when switched off."""
     perf = config.performance
-    exact = perf.amp != 'fp16' and not dist.enabled and not perf.compile
+    # torch's own Adam only (--optim_state 8bit/4bit step in torchao's, whose moments are small anyway)
+    exact = perf.amp != 'fp16' and not dist.enabled and not perf.compile and type(optimizer) is torch.optim.Adam
     return EarlyUpdates(optimizer, [g.FC[0].weight for g in G.values()] if perf.early_updates and exact else [])
 
 
@@ -525,8 +526,8 @@ class EarlyUpdates:
     step, which then skips the parameter (its grad is None). Autograd sums every use of a leaf (each
     forward pass, TF's L2 term) before accumulating it, so the hook runs once per backward pass, with
     the whole gradient. Not used where the update must wait for every gradient: fp16 (the GradScaler
-    skips a step with any overflow), DDP (the gradient is averaged across ranks after the hook) and
-    --compile (hooks inside a compiled graph); those runs step as before.
+    skips a step with any overflow), DDP (the gradient is averaged across ranks after the hook),
+    --compile (hooks inside a compiled graph) and torchao's low-bit Adam; those runs step as before.
     """
 
     def __init__(self, optimizer: torch.optim.Adam, params: list[nn.Parameter]) -> None:
