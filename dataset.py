@@ -40,12 +40,12 @@ from torchvision.transforms import functional as TF
 from errors import DatasetError, TooManyUnreadable, UnreadableImage
 from images import (
     LAYOUT,
-    _is_readable,
-    _readable_images,
-    _warn_skipped,
     find_images,
+    is_readable,
     load_rgb,
+    readable_images,
     scan_images,
+    warn_skipped,
 )
 from signals import ignore_stop_signals
 
@@ -78,7 +78,7 @@ def domain_images(root: Path, split: str, groups: list[int] | None = None, *, ke
     stay the same when a file breaks between a run and its resumption.
     """
     def listed(folder: Path) -> list[Path]:
-        return scan_images(folder)[0] if keep_unreadable else _readable_images(folder)
+        return scan_images(folder)[0] if keep_unreadable else readable_images(folder)
 
     if split not in SPLITS:
         raise ValueError(f'split must be one of {SPLITS}, got {split!r}')
@@ -300,7 +300,7 @@ def make_blur_images(src: Path, dst: Path) -> int:
         out = dst / path.relative_to(src)
         out.parent.mkdir(parents=True, exist_ok=True)
         _save_atomic(Image.fromarray(blur_edges(rgb)), out)
-    _warn_skipped(skipped)
+    warn_skipped(skipped)
     return len(todo) - len(skipped)
 
 
@@ -531,7 +531,7 @@ class UnreadableLedger:
         for path in new:
             self.unreadable[self.domain_of[path]].add(path)
         self._check()
-        _warn_skipped([Path(p) for p in new])
+        warn_skipped([Path(p) for p in new])
         if failed is not None:
             name, _, group = failed.partition('/')
             folder = self.folders[name] / group if group else self.folders[name]
@@ -673,7 +673,7 @@ def build_train_stream(root: Path, img_size: int, batch_size: int, seed: int, *,
                 make_blur_images(root / f'train{domain}', folder)
             paths[f'blur{domain}'], folders[f'blur{domain}'] = scan_images(folder)[0], folder
     ledger = UnreadableLedger(paths, folders, max_unreadable)
-    ledger.note([p for found in paths.values() for p in found if not _is_readable(p)])   # cached: no decode
+    ledger.note([p for found in paths.values() for p in found if not is_readable(p)])   # cached: no decode
     members = {name: _members(labels.get(name), len(found)) for name, found in paths.items()}
     sampler = StepBatchSampler(members, batch_size, seed, start_step, rank, world_size, groups,
                                group_sampling, paired)
@@ -723,7 +723,7 @@ class _FolderDataset(Dataset):
     """The images of a folder with the test transform, named by relative path without extension."""
 
     def __init__(self, folder: Path, img_size: int):
-        self.folder, self.paths, self.transform = folder, _readable_images(folder), test_transform(img_size)
+        self.folder, self.paths, self.transform = folder, readable_images(folder), test_transform(img_size)
         self.names = output_names(self.paths, folder)
 
     def __len__(self) -> int:

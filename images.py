@@ -97,7 +97,7 @@ def _scale_to_uint8(arr: np.ndarray, mode: str) -> np.ndarray:
 _READABLE: dict[tuple[str, int, int], bool] = {}
 
 
-def _is_readable(path: Path) -> bool:
+def is_readable(path: Path) -> bool:
     """Decode the file once (JPEGs at 1/8 scale, which is cheap); cached per (path, mtime, size)."""
     try:
         stat = path.stat()
@@ -118,7 +118,7 @@ def _is_readable(path: Path) -> bool:
 _WARNED: set[str] = set()
 
 
-def _warn_skipped(skipped: Sequence[Path]) -> None:
+def warn_skipped(skipped: Sequence[Path]) -> None:
     """One line per unreadable file, once per process (validation and training both list folders)."""
     for path in skipped:
         if str(path) not in _WARNED:
@@ -133,8 +133,8 @@ def scan_images(folder: Path) -> tuple[list[Path], list[Path]]:
     if not folder.is_dir():
         raise DatasetError(f'folder {folder} does not exist; expected {LAYOUT}')
     found = find_images(folder)
-    unreadable = [p for p in found if not _is_readable(p)]
-    _warn_skipped(unreadable)
+    unreadable = [p for p in found if not is_readable(p)]
+    warn_skipped(unreadable)
     if len(unreadable) == len(found):
         detail = f'{len(found)} unreadable file(s)' if found else 'no file with extension ' + ' '.join(
             IMG_EXTENSIONS)
@@ -142,7 +142,7 @@ def scan_images(folder: Path) -> tuple[list[Path], list[Path]]:
     return found, unreadable
 
 
-def _readable_images(folder: Path) -> list[Path]:
+def readable_images(folder: Path) -> list[Path]:
     """Readable images under `folder`; warns once naming the unreadable ones; DatasetError if none."""
     found, unreadable = scan_images(folder)
     bad = set(unreadable)
