@@ -209,10 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
     memory = parser.add_argument_group(
         'memory (NOT exact: opt-ins for 11 GB and 8 GB GPUs; see README "Lower-precision state")')
     memory.add_argument('--optim_state', default='fp32', choices=low_memory.OPTIM_STATES,
-                        help="Adam's two moments of every tensor of >= 4096 values (the full model's 268 M-weight "
-                        "MLP FC, the convs) in blockwise 8 or 4 bits via torchao's Adam8bit/Adam4bit (coupled "
-                        'weight decay, as PT); smaller tensors stay fp32. Not exact: changes the training. '
-                        'Saves 3.7 GiB (8bit) or 4.3 GiB (4bit) on the full model (pip install torchao)')
+                        help="Adam's two moments of every tensor of >= 4096 values, a multiple of the block (the "
+                        "full model's 268 M-weight MLP FC, the convs) in blockwise 8 or 4 bits via torchao's "
+                        'Adam8bit/Adam4bit (coupled weight decay, as PT); smaller tensors stay fp32. Not exact: '
+                        'changes the training. Saves 3.7 GiB (8bit) or 4.3 GiB (4bit) on the full model '
+                        '(pip install torchao)')
     memory.add_argument('--ema_dtype', default='fp32', choices=low_memory.EMA_DTYPES,
                         help='the EMA copies of the generators in bfloat16: each update is computed in float32 '
                         'and stochastically rounded (round-to-nearest would freeze the copy at --ema_beta 0.9999). '
