@@ -19,6 +19,7 @@ import errors
 import main
 import run_folder
 import training_loop
+from ugatit import EarlyUpdates
 
 
 def _record_map_locations(monkeypatch) -> list:
@@ -177,6 +178,7 @@ def _fp16_on_the_cpu(trainer) -> None:
     fp16 on a CPU, so the trainer is switched after it is built."""
     config = trainer.config
     trainer.config = dataclasses.replace(config, performance=dataclasses.replace(config.performance, amp='fp16'))
+    trainer.early_updates = EarlyUpdates(trainer.G_optim, [])   # as fp16 builds it: the scaler sees every gradient
     _enable_fp16_scaler(trainer)
     trainer.scaler = torch.amp.GradScaler('cpu')   # PyTorch's default initial scale, 2^16
 

@@ -55,7 +55,7 @@ def test_group_loss_matches_hand_computation(grouped_dataset, tmp_path):
         expected_d += F.cross_entropy(logits.group_logit[:3], batch['group_B'])
     logs = trainer.train_step(batch, 1)
     torch.testing.assert_close(logs['D/group_B'], 1.5 * expected_d, rtol=1e-4, atol=1e-5)
-    assert logs['G/group_A2B'] > 0 and float(logs['G/group_B2A']) == 0.0
+    assert logs['G/group_A2B'] > 0 and 'G/group_B2A' not in logs   # F2W's group loss is A2B's alone
 
 
 def test_group_classification_loss_is_cross_entropy_summed_over_scales():
