@@ -111,6 +111,23 @@ def face_weight_files(tmp_path_factory) -> dict[str, Path]:
     return files
 
 
+def assert_bitwise(a: object, b: object, where: str = '') -> None:
+    """Nested dicts/lists of tensors and plain values, bit for bit (dtypes too)."""
+    import torch
+    if isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            assert_bitwise(a[key], b[key], f'{where}.{key}')
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_bitwise(x, y, f'{where}[{i}]')
+    else:
+        assert a == b, where
+
+
 def assert_same_weights(a: dict, b: dict) -> None:
     """Two training checkpoints hold bit-identical networks (EMA copies included) at the same step."""
     import torch

@@ -7,7 +7,7 @@ import io
 
 import pytest
 import torch
-from conftest import random_batches, tiny_trainer
+from conftest import assert_bitwise, random_batches, tiny_trainer
 
 ADA = ('--ada', 'True', '--ada_p', '0.5', '--ada_interval', '1', '--ada_kimg', '0.1')
 CASES = {
@@ -28,21 +28,6 @@ def _state(trainer) -> dict:
                                   'genA2B_ema', 'genB2A_ema', 'ada') if k in state}
 
 
-def _assert_bitwise(a, b, where: str = '') -> None:
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for key in a:
-            _assert_bitwise(a[key], b[key], f'{where}.{key}')
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_bitwise(x, y, f'{where}[{i}]')
-    else:
-        assert a == b, where
-
-
 def _train(trainer, batches, first: int = 1):
     for step, batch in enumerate(batches, start=first):
         trainer.train_step(batch, step)
@@ -56,7 +41,7 @@ def test_early_updates_are_bitwise_the_whole_step(tiny_dataset, tmp_path, case):
     early = tiny_trainer(tiny_dataset, tmp_path, *CASES[case])
     assert early.early_updates.params, 'the big layers are updated early by default'
     _train(early, batches)
-    _assert_bitwise(_state(late), _state(early))
+    assert_bitwise(_state(late), _state(early))
 
 
 def test_early_updates_free_the_gradient_as_soon_as_it_is_whole(tiny_dataset, tmp_path):
@@ -83,7 +68,7 @@ def test_a_resumed_run_with_early_updates_continues_bitwise(tiny_dataset, tmp_pa
     resumed = tiny_trainer(tiny_dataset, tmp_path, *flags)
     resumed.load_state_dict(torch.load(buffer, weights_only=True))
     _train(resumed, batches[2:], first=3)
-    _assert_bitwise(_state(unbroken), _state(resumed))
+    assert_bitwise(_state(unbroken), _state(resumed))
 
 
 @pytest.mark.parametrize('flags', [('--amp', 'bf16', '--compile', 'True')])
@@ -97,7 +82,7 @@ def test_recomputed_generators_are_bitwise_the_kept_activations(tiny_dataset, tm
     batches = random_batches(STEPS)
     kept = _train(tiny_trainer(tiny_dataset, tmp_path, *CASES[case]), batches)
     recomputed = _train(tiny_trainer(tiny_dataset, tmp_path, '--recompute', 'True', *CASES[case]), batches)
-    _assert_bitwise(_state(kept), _state(recomputed))
+    assert_bitwise(_state(kept), _state(recomputed))
 
 
 def test_gradients_are_freed_after_each_optimizer_step(tiny_dataset, tmp_path):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import random_batches, tiny_flags, tiny_trainer
+from conftest import assert_bitwise, random_batches, tiny_flags, tiny_trainer
 
 import checkpoints
 import low_memory
@@ -41,22 +41,6 @@ def _run(dataset: Path, out: Path, *extra: str) -> int:
 
 def _checkpoint(out: Path, step: int) -> dict:
     return torch.load(out / 'tiny' / 'model' / f'tiny_params_{step:07d}.pt', weights_only=True)
-
-
-def _assert_equal(a: object, b: object, where: str = '') -> None:
-    """Nested dicts/lists of tensors and plain values, bit for bit."""
-    if isinstance(a, torch.Tensor):
-        assert a.dtype == b.dtype and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for key in a:
-            _assert_equal(a[key], b[key], f'{where}.{key}')
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_equal(x, y, f'{where}[{i}]')
-    else:
-        assert a == b, where
 
 
 def test_defaults_keep_the_fp32_path(tiny_dataset, tmp_path):
@@ -149,7 +133,7 @@ def _resume_round_trip(dataset: Path, tmp_path: Path, bits: str) -> None:
     want, got = _checkpoint(straight, 4), _checkpoint(broken, 4)
     for key in ('genA2B', 'genB2A', 'disGA', 'disGB', 'disLA', 'disLB', 'genA2B_ema', 'genB2A_ema',
                 'G_optim', 'D_optim'):
-        _assert_equal(want[key], got[key], key)
+        assert_bitwise(want[key], got[key], key)
     encoded = [v for s in got['G_optim']['state'].values() for v in s.values() if isinstance(v, dict)]
     assert encoded and all(v['tensors']['codes'].dtype == torch.uint8 for v in encoded)
     assert got['genA2B_ema']['FC.0.weight'].dtype == torch.bfloat16
