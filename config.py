@@ -130,8 +130,8 @@ class Performance:
     compile_mode: str = 'default'       # torch.compile's mode ('reduce-overhead': CUDA graphs)
     benchmark_flag: bool = False
     stack_batches: bool = True
-    early_updates: bool = True          # exact: see ugatit.EarlyUpdates
-    recompute: bool = False             # exact, slower: see ugatit.Recomputed
+    early_updates: bool = True          # exact: see step_memory.EarlyUpdates
+    recompute: bool | str = False       # exact, slower: see step_memory.Recomputed; 'auto' until start-up
     memory_check: bool = True           # CUDA: the estimated peak against the card at start-up
 
 

@@ -16,6 +16,7 @@ def run(config: Config) -> None:
     if config.run.phase == 'train':
         import training_loop
         from ugatit import UGATIT
+        config = training_loop.settle_recompute(config, training_loop.memory_estimator(UGATIT))
         training_loop.train(UGATIT(config), config)
     else:
         from inference import phases

@@ -17,6 +17,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 # ----------------------------------------------------------------------------------------------
 # Architecture: what differs between the official PyTorch and TensorFlow graphs
@@ -76,9 +77,9 @@ class Arch:
             return pad, pad
         return pad, kernel - stride - pad
 
-    def pad(self, kernel: int, stride: int, pad: int) -> nn.ReflectionPad2d:
+    def pad(self, kernel: int, stride: int, pad: int) -> ReflectionPad2d:
         before, after = self.pad_amounts(kernel, stride, pad)
-        return nn.ReflectionPad2d(pad if before == after else (before, after, before, after))
+        return ReflectionPad2d(pad if before == after else (before, after, before, after))
 
     def instance_norm(self, channels: int) -> nn.Module:
         """TF's encoder instance norms have learnable scale and offset (tf.contrib, center/scale)."""
@@ -167,6 +168,30 @@ def raw_weight(module: nn.Module) -> torch.Tensor:
     return module.weight_orig if hasattr(module, 'weight_orig') else module.weight
 
 
+class _ReflectionPadKeepingShape(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, padding: tuple[int, ...]) -> torch.Tensor:
+        ctx.shape, ctx.padding = x.shape, padding
+        return F.pad(x, padding, 'reflect')
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        shaped_like_input = grad.as_strided(ctx.shape, (0,) * len(ctx.shape))   # the kernel reads its shape only
+        return torch.ops.aten.reflection_pad2d_backward(grad, shaped_like_input, list(ctx.padding)), None
+
+
+class ReflectionPad2d(nn.ReflectionPad2d):
+    """``nn.ReflectionPad2d`` whose backward keeps the input's shape instead of the input: the gradient
+    is the same kernel's, which reads only the shape, but autograd keeps the whole tensor alive, e.g.
+    a 64 MiB upsampled map per generator pass at 256 px that nothing else needs. Contiguous NCHW
+    inputs only (the kernel lays the gradient out as the input it is given); otherwise as PyTorch."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad and x.dim() == 4 and x.is_contiguous():
+            return _ReflectionPadKeepingShape.apply(x, self.padding)
+        return super().forward(x)
+
+
 # ----------------------------------------------------------------------------------------------
 # Normalisation layers
 
@@ -190,6 +215,15 @@ def _layer_instance_mix(x: torch.Tensor, rho: torch.Tensor, eps: float, unbiased
     return rho * out_in + (1 - rho) * out_ln
 
 
+def _maybe_recomputed(norm: nn.Module, normalise, *args: torch.Tensor) -> torch.Tensor:
+    """``normalise(*args)``, or with ``norm.recompute`` set its intermediates (about eight tensors of
+    the input's size) recomputed in the backward pass from the input, which is all it keeps: the same
+    operations on the same values, so the same numbers (``--recompute``)."""
+    if norm.recompute and torch.is_grad_enabled():
+        return checkpoint(normalise, *args, use_reentrant=False)
+    return normalise(*args)
+
+
 class adaILN(nn.Module):  # noqa: N801 - PT's class name
     """Adaptive Layer-Instance Normalisation; gamma and beta come from the generator's MLP.
 
@@ -203,11 +237,15 @@ class adaILN(nn.Module):  # noqa: N801 - PT's class name
         self.smoothing = smoothing
         self.unbiased = unbiased
         self.rho = nn.Parameter(torch.full((1, num_features, 1, 1), rho_init))
+        self.recompute = False
 
     def effective_rho(self) -> torch.Tensor:
         return (self.rho - 0.1).clamp(0.0, 1.0) if self.smoothing else self.rho
 
     def forward(self, x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+        return _maybe_recomputed(self, self._normalise, x, gamma, beta)
+
+    def _normalise(self, x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
         out = _layer_instance_mix(x, self.effective_rho(), self.eps, self.unbiased)
         out = out * gamma.to(out.dtype)[:, :, None, None] + beta.to(out.dtype)[:, :, None, None]
         return out.to(x.dtype)
@@ -221,10 +259,14 @@ class ILN(nn.Module):
         self.eps = eps
         self.unbiased = unbiased
         self.rho = nn.Parameter(torch.zeros(1, num_features, 1, 1))
+        self.recompute = False
         self.gamma = nn.Parameter(torch.ones(1, num_features, 1, 1))
         self.beta = nn.Parameter(torch.zeros(1, num_features, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _maybe_recomputed(self, self._normalise, x)
+
+    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
         out = _layer_instance_mix(x, self.rho, self.eps, self.unbiased)
         out = out * self.gamma.to(out.dtype) + self.beta.to(out.dtype)
         return out.to(x.dtype)
@@ -293,9 +335,9 @@ class ResnetBlock(nn.Module):
     def __init__(self, dim: int, use_bias: bool = False, use_se: bool = False, arch: Arch = PT) -> None:
         super().__init__()
         self.conv_block = nn.Sequential(
-            nn.ReflectionPad2d(1), nn.Conv2d(dim, dim, 3, 1, 0, bias=use_bias), arch.instance_norm(dim),
+            ReflectionPad2d(1), nn.Conv2d(dim, dim, 3, 1, 0, bias=use_bias), arch.instance_norm(dim),
             nn.ReLU(True),
-            nn.ReflectionPad2d(1), nn.Conv2d(dim, dim, 3, 1, 0, bias=use_bias), arch.instance_norm(dim))
+            ReflectionPad2d(1), nn.Conv2d(dim, dim, 3, 1, 0, bias=use_bias), arch.instance_norm(dim))
         if use_se:
             self.se = ChannelSpatialSE(dim)
 
@@ -312,11 +354,11 @@ class ResnetAdaILNBlock(nn.Module):
     def __init__(self, dim: int, use_bias: bool = False, use_se: bool = False, arch: Arch = PT) -> None:
         super().__init__()
         norm = dict(rho_init=arch.adailn_rho_init, smoothing=arch.smoothing, unbiased=arch.unbiased_variance)
-        self.pad1 = nn.ReflectionPad2d(1)
+        self.pad1 = ReflectionPad2d(1)
         self.conv1 = nn.Conv2d(dim, dim, 3, 1, 0, bias=use_bias)
         self.norm1 = adaILN(dim, **norm)
         self.relu1 = nn.ReLU(True)
-        self.pad2 = nn.ReflectionPad2d(1)
+        self.pad2 = ReflectionPad2d(1)
         self.conv2 = nn.Conv2d(dim, dim, 3, 1, 0, bias=use_bias)
         self.norm2 = adaILN(dim, **norm)
         if use_se:
@@ -335,7 +377,7 @@ def _up_layers(in_ch: int, out_ch: int, use_deconv: bool, bias: bool, arch: Arch
     if use_deconv:
         conv = [nn.ConvTranspose2d(in_ch, out_ch, 3, 2, 1, output_padding=1, bias=True)]
     else:
-        conv = [nn.Upsample(scale_factor=2, mode='nearest'), nn.ReflectionPad2d(1),
+        conv = [nn.Upsample(scale_factor=2, mode='nearest'), ReflectionPad2d(1),
                 nn.Conv2d(in_ch, out_ch, 3, 1, 0, bias=bias)]
     return conv + [ILN(out_ch, unbiased=arch.unbiased_variance), nn.ReLU(True)]
 
@@ -393,6 +435,49 @@ class SharedCAM(nn.Module):
 
 # ----------------------------------------------------------------------------------------------
 # Generator
+
+
+class _LinearWithFactoredWeightGrad(torch.autograd.Function):
+    """``F.linear`` whose weight gradient is handed to a sink as its factors (the output's gradient
+    and the input, ``grad.t() @ x``) instead of being formed: with a batch of a few images it is a
+    product of thin matrices, and formed it would be the weight's size. The input's and the bias's
+    gradients are computed as autograd's linear computes them (the engine sums the bias's over the
+    batch), so they are bitwise the same."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, sink):
+        ctx.save_for_backward(x)
+        # The parameter itself, not a saved copy: the sink knows it by identity (activation checkpointing
+        # unpacks saved tensors as new objects); nothing changes it before the backward pass ends.
+        ctx.weight, ctx.sink, ctx.has_bias = weight, sink, bias is not None
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, = ctx.saved_tensors
+        ctx.sink(ctx.weight, grad, x)
+        grad_x = grad.mm(ctx.weight) if ctx.needs_input_grad[0] else None
+        return grad_x, None, grad if ctx.has_bias else None, None
+
+
+class FactoredGradLinear(nn.Linear):
+    """A linear layer that can hand its weight gradient to ``weight_grad_sink(weight, grad, x)`` as
+    factors (the generator's MLP input layer: 268 M weights at 256 px, its gradient 1 GiB, while
+    ``grad`` and ``x`` are a few MiB). Without a sink, or under autocast, it is ``nn.Linear``; the sink
+    is not copied with the module (EMA copies, pickling)."""
+
+    weight_grad_sink = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (self.weight_grad_sink is None or not torch.is_grad_enabled() or x.dim() != 2
+                or torch.is_autocast_enabled(x.device.type)):
+            return super().forward(x)
+        return _LinearWithFactoredWeightGrad.apply(x, self.weight, self.bias, self.weight_grad_sink)
+
+    def __getstate__(self) -> dict:
+        state = dict(super().__getstate__())
+        state.pop('weight_grad_sink', None)
+        return state
 
 
 class GeneratorOutput(NamedTuple):
@@ -460,7 +545,7 @@ class ResnetGenerator(nn.Module):
         down += [ResnetBlock(dim, use_bias=bias, use_se=use_se, arch=arch) for _ in range(n_blocks)]
 
         fc_in = dim * self.pool * self.pool
-        mlp = [nn.Linear(fc_in, dim, bias=bias), nn.ReLU(True),
+        mlp = [FactoredGradLinear(fc_in, dim, bias=bias), nn.ReLU(True),
                nn.Linear(dim, dim, bias=bias), nn.ReLU(True)]
 
         up = []
@@ -595,7 +680,7 @@ class Discriminator(nn.Module):
                        nn.LeakyReLU(0.2, True)]
         mult = 2 ** (n_layers - 3)
         for _ in range(_extra_layers(n_layers, arch)):   # EN: extra 3×3 layers for receptive field
-            layers += [nn.ReflectionPad2d(1), spectral_norm(nn.Conv2d(ndf * mult, ndf * mult, 3, 1, 0), sn),
+            layers += [ReflectionPad2d(1), spectral_norm(nn.Conv2d(ndf * mult, ndf * mult, 3, 1, 0), sn),
                        nn.LeakyReLU(0.2, True)]
         layers += [arch.pad(4, 1, 1),
                    spectral_norm(nn.Conv2d(ndf * mult, ndf * mult * 2, 4, 1, 0, bias=True), sn),

@@ -57,6 +57,10 @@ def _bool(value: str) -> bool:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _auto_or_bool(value: str) -> bool | str:
+    return 'auto' if value.lower() == 'auto' else _bool(value)
+
+
 def _groups(value: str) -> list[int]:
     try:
         groups = sorted({int(v) for v in value.split(',') if v.strip()})
@@ -288,8 +292,12 @@ def build_parser() -> argparse.ArgumentParser:
     perf.add_argument('--amp', default='off', choices=('off', 'bf16', 'fp16'), help='mixed precision')
     _flag(perf, '--channels_last', False, 'channels-last memory layout')
     _flag(perf, '--compile', False, 'torch.compile the networks')
-    _flag(perf, '--recompute', False, "recompute the generators' activations in their backward pass instead of "
-          'keeping them through the D step (exact; less memory, one more generator forward pass per step)')
+    perf.add_argument('--recompute', type=_auto_or_bool, nargs='?', const=True, default='auto', metavar='auto|BOOL',
+                      help="recompute the generators' activations (and each norm's intermediates) in their backward "
+                      'pass instead of keeping them through the D step: exact, less memory (full model, 256 px: '
+                      'about 3.7 GiB), one more generator forward pass per step. auto: on when the config would not '
+                      'fit the CUDA card without it (decided at start-up from the memory estimate; off on the CPU '
+                      'and with --memory_check False)')
     _flag(perf, '--memory_check', True, "CUDA: estimate the config's peak memory at start-up (on the CPU, "
           'seconds) and stop in one line naming the flags that fit when the card is too small')
     perf.add_argument('--compile_mode', default='default', choices=COMPILE_MODES,
@@ -391,6 +399,8 @@ def validate(flags: argparse.Namespace, explicit: frozenset[str] = frozenset()) 
     _validate_dataset(cfg)
     _validate_phase(cfg, fail)
     cfg.device = _resolve_device(cfg.device, cfg.amp, fail)
+    if cfg.recompute == 'auto' and (not cfg.device.startswith('cuda') or not cfg.memory_check or cfg.phase != 'train'):
+        cfg.recompute = False   # auto needs the estimate against a card: memory_fit.settle_recompute
     if cfg.phase == 'train':
         _validate_memory(cfg, fail)
     values = {key: value for key, value in vars(cfg).items() if key != 'explicit'}

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import signal
 import sys
 from collections.abc import Mapping
@@ -35,6 +36,8 @@ from errors import DiskFull, OutOfMemory, Stopped, TrainingDiverged, WorkerDied
 from model import DIRECTIONS, Direction, Translator
 from run_folder import RunFiles
 from utils import human_size
+
+GIB = 1024 ** 3
 
 # fp16: steps in a row whose scaled gradients may overflow (the GradScaler skips them and halves its
 # scale) before the run counts as diverged; 2^16 → 2^-16 takes 32 halvings.
@@ -371,11 +374,40 @@ def train(trainer: Trainer, config: Config) -> None:
 
 
 def memory_estimator(trainer_class: type) -> memory_fit.Estimator | None:
-    """A config's peak memory for trainers memory.py can measure (``memory_training()``), else None."""
+    """A config's peak memory for trainers memory.py can measure (``memory_training()``), else None.
+    Each config is estimated once (the full model takes seconds; start-up and an OOM ask again)."""
     if not hasattr(trainer_class, 'memory_training'):
         return None
     import memory
-    return lambda config: memory.estimate(config, lambda c: trainer_class(c).memory_training())
+    reports: dict[str, memory.MemoryReport] = {}
+
+    def estimate(config: Config) -> memory.MemoryReport:
+        key = json.dumps(config.values, sort_keys=True, default=str)
+        if key not in reports:
+            reports[key] = memory.estimate(config, lambda c: trainer_class(c).memory_training())
+        return reports[key]
+    return estimate
+
+
+def settle_recompute(config: Config, estimate: memory_fit.Estimator | None) -> Config:
+    """``--recompute auto`` (left so by validation on CUDA only): on exactly when the config would not fit
+    the card without it. The recomputation changes no number, only memory and time, so the choice may
+    differ between machines and resumes; it is said in one line and recorded in the run's config."""
+    if config.performance.recompute != 'auto':
+        return config
+    if estimate is None:
+        return memory_fit.with_flags(config, {'recompute': False})
+    device = torch.device(config.performance.device)
+    if device.index is None:   # torchrun: this process's card (as distributed.DistributedContext picks it)
+        device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', '0')))
+    usable, total = card_memory(device)
+    needed = estimate(memory_fit.with_flags(config, {'recompute': False})).peak_bytes
+    recompute = not memory_fit.Fit(needed, usable, total).fits
+    if int(os.environ.get('RANK', '0')) == 0:
+        print(f'memory: --recompute auto: {"on" if recompute else "off"} (without it the config needs about '
+              f'{needed / GIB:.2f} GiB, {device} has {usable / GIB:.2f} GiB for it)',
+              file=sys.stderr)
+    return memory_fit.with_flags(config, {'recompute': recompute})
 
 
 def card_memory(device: torch.device) -> tuple[int, int]:

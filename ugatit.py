@@ -27,7 +27,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 import augment
 import dataset as data
@@ -43,6 +42,7 @@ from errors import UserError
 from faceseg.masking import NO_MASKS, FaceMasks, build_face_masking
 from model import DIRECTIONS, Direction, Translator, build_critic, build_generator
 from networks import DiscriminatorOutput, GeneratorOutput, ResnetBlock, RhoClipper
+from step_memory import Recomputed, build_early_updates
 
 
 @dataclass
@@ -111,7 +111,9 @@ class UGATIT:
         self.g_terms = L.build_generator_terms(config.generator_terms, self.device)
         self.frozen_on_other_groups = selective_backprop_params(self.G) if config.few_shot.selective_backprop else []
         self.early_updates = build_early_updates(self.G, self.G_optim, config, self.dist)
-        generators = nn.ModuleDict({name: Recomputed(g) for name, g in self.G.items()}) if perf.recompute else self.G
+        # 'auto' is settled before a run builds its trainer (training_loop.settle_recompute); unsettled, it is off
+        recompute = perf.recompute is True
+        generators = nn.ModuleDict({name: Recomputed(g) for name, g in self.G.items()}) if recompute else self.G
         self.G_run, self.D_run, self.D_local = wrap_for_speed(
             generators, self.D, self.dist, perf.compile, mode=perf.compile_mode,
             untrained=untrainable_parameters(self.D, self.weights.cam_D_weight, self.regularisers['D']))
@@ -504,79 +506,6 @@ def selective_backprop_params(G: nn.ModuleDict) -> list[nn.Parameter]:
             for p in block.parameters()]
 
 
-
-def build_early_updates(G: nn.ModuleDict, optimizer: torch.optim.Adam, config: Config, dist: DistributedContext
-                        ) -> EarlyUpdates:
-    """Each generator's MLP input layer (268 M of the full model's 279 M parameters) updated inside its
-    gradient hook; none where that would not be exact (see :class:`EarlyUpdates`) or when switched off."""
-    perf = config.performance
-    # torch's own Adam only (--optim_state 8bit/4bit step in torchao's, whose moments are small anyway)
-    exact = perf.amp != 'fp16' and not dist.enabled and not perf.compile and type(optimizer) is torch.optim.Adam
-    return EarlyUpdates(optimizer, [g.FC[0].weight for g in G.values()] if perf.early_updates and exact else [])
-
-
-class EarlyUpdates:
-    """Adam steps of chosen parameters inside the backward pass, the moment their gradient is complete,
-    which is then freed: the gradients of the generators' big MLP layers (1 GiB each at 256 px) never
-    wait for the rest of the backward pass, the optimizer step or the next D step.
-
-    Exact: the step is the optimizer's own Adam (same hyperparameters, same foreach/fused kernel, the
-    same state dict entries: moments and step counts are shared), run on one tensor; Adam's update of
-    an element depends on nothing else, so weights and moments are bitwise those of the whole-optimizer
-    step, which then skips the parameter (its grad is None). Autograd sums every use of a leaf (each
-    forward pass, TF's L2 term) before accumulating it, so the hook runs once per backward pass, with
-    the whole gradient. Not used where the update must wait for every gradient: fp16 (the GradScaler
-    skips a step with any overflow), DDP (the gradient is averaged across ranks after the hook),
-    --compile (hooks inside a compiled graph) and torchao's low-bit Adam; those runs step as before.
-    """
-
-    def __init__(self, optimizer: torch.optim.Adam, params: list[nn.Parameter]) -> None:
-        self.optimizer = optimizer
-        self.params = params
-        # The group's index: load_state_dict (resume) replaces the group dicts, and the LR schedule sets
-        # the new ones' lr.
-        self._group = {p: next(i for i, g in enumerate(optimizer.param_groups) if any(q is p for q in g['params']))
-                       for p in params}
-        self._alone = {p: torch.optim.Adam([p], **optimizer.defaults) for p in params}
-        self._active = False
-        for p in params:
-            p.register_post_accumulate_grad_hook(self._update)
-
-    @contextlib.contextmanager
-    def during_backward(self):
-        """Only the generator step's backward updates early (other backward passes, e.g. a reference
-        step in the tests, leave the gradient for the optimizer as usual)."""
-        self._active = True
-        try:
-            yield
-        finally:
-            self._active = False
-
-    @torch.no_grad()
-    def _update(self, p: nn.Parameter) -> None:
-        if not self._active:
-            return
-        single = self._alone[p]
-        single.state = self.optimizer.state   # one state (the checkpoint's G_optim); resume replaces the dict
-        single.param_groups[0]['lr'] = self.optimizer.param_groups[self._group[p]]['lr']
-        single.step()
-        p.grad = None   # freed now; the whole-optimizer step skips a parameter without grad
-
-
-class Recomputed(nn.Module):
-    """A generator whose activations are recomputed during its backward pass instead of kept from the
-    forward pass (activation checkpointing, ``--recompute``): the six generator passes of a step keep
-    only their inputs while the D step runs. Exact: the same operations run again on the same inputs
-    (the generators draw no random numbers; the RNG state is restored for the recomputation anyway)."""
-
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net
-
-    def forward(self, x: torch.Tensor) -> GeneratorOutput:
-        if not torch.is_grad_enabled():
-            return self.net(x)
-        return checkpoint(self.net, x, use_reentrant=False)
 
 class StepUndo:
     """What a training step changes before its first optimizer update, kept so that an error there

@@ -19,7 +19,7 @@ import errors
 import main
 import run_folder
 import training_loop
-from ugatit import EarlyUpdates
+from step_memory import EarlyUpdates
 
 
 def _record_map_locations(monkeypatch) -> list:

@@ -1,6 +1,8 @@
-"""The generators' big MLP layer updated inside its gradient hook (--early_updates, on by default) changes
-no number: weights, Adam moments and EMA copies are bitwise those of the step that updates after the whole
-backward pass, over several steps, for the GAN types, n_critic, EMA, ADA, TF's L2 term and a resume."""
+"""The step's exact memory savings change no number: weights, Adam moments and EMA copies are bitwise those
+of the step without them, over several steps, for the GAN types, n_critic, EMA, ADA, TF's L2 term and a
+resume. The generators' big MLP layer is updated inside the backward pass (--early_updates, on by default:
+in float32 from its gradient's factors, a few rows at a time; otherwise in its gradient hook), and
+--recompute recomputes the generators' activations and, within them, the norms' intermediates."""
 from __future__ import annotations
 
 import io
@@ -8,6 +10,9 @@ import io
 import pytest
 import torch
 from conftest import assert_bitwise, random_batches, tiny_trainer
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import step_memory
 
 ADA = ('--ada', 'True', '--ada_p', '0.5', '--ada_interval', '1', '--ada_kimg', '0.1')
 CASES = {
@@ -18,6 +23,7 @@ CASES = {
     'ada': ADA,
     'arch_tf': ('--arch', 'tf', '--n_res', '4'),          # the L2 term reads the big layer's weight too
     'unstacked': ('--stack_batches', 'False', '--has_blur', 'False'),   # three forward uses per generator
+    'full_mlp': ('--light', 'False'),     # the MLP's input layer takes the whole 8×8 map: 16 × 1024 weights
 }
 STEPS = 4
 
@@ -44,8 +50,41 @@ def test_early_updates_are_bitwise_the_whole_step(tiny_dataset, tmp_path, case):
     assert_bitwise(_state(late), _state(early))
 
 
+class _MmShapes(TorchDispatchMode):
+    """The output shapes of every matrix product dispatched."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: set[tuple[int, ...]] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten.mm.default:
+            self.shapes.add(tuple(out.shape))
+        return out
+
+
+@pytest.mark.parametrize('case', ['full_mlp', 'unstacked', 'n_critic_2'])
+def test_the_big_layer_gradient_is_formed_a_few_rows_at_a_time(tiny_dataset, tmp_path, monkeypatch, case):
+    """In float32 the layer hands its weight gradient over as factors: it is never formed whole, only
+    3 rows at a time here (slices of 3, 3, 3, 3, 3 and 1 of the 16 rows), each slice taking its Adam step
+    at once, and the result is bitwise the step that forms it whole and updates after the backward pass."""
+    flags = (*CASES[case], '--light', 'False')
+    monkeypatch.setattr(step_memory, 'CHUNK_BYTES', 3 * 1024 * 4)
+    batches = random_batches(STEPS)
+    late = _train(tiny_trainer(tiny_dataset, tmp_path, '--early_updates', 'False', *flags), batches)
+    early = tiny_trainer(tiny_dataset, tmp_path, *flags)
+    weight = early.G['A2B'].FC[0].weight
+    assert weight.shape == (16, 1024) and early.G['A2B'].FC[0].weight_grad_sink is not None
+    with _MmShapes() as products:
+        _train(early, batches)
+    assert (16, 1024) not in products.shapes and {(3, 1024), (1, 1024)} <= products.shapes
+    assert_bitwise(_state(late), _state(early))
+
+
 def test_early_updates_free_the_gradient_as_soon_as_it_is_whole(tiny_dataset, tmp_path):
-    trainer = tiny_trainer(tiny_dataset, tmp_path)
+    """Where the gradient is formed by autograd (TF's L2 term reads the weight too), the hook steps and frees it."""
+    trainer = tiny_trainer(tiny_dataset, tmp_path, *CASES['arch_tf'])
     seen = []
     for g in trainer.G.values():
         g.FC[0].weight.register_post_accumulate_grad_hook(lambda p: seen.append(p.grad is None))
@@ -76,12 +115,16 @@ def test_paths_that_must_wait_for_every_gradient_update_late(tiny_dataset, tmp_p
     assert not tiny_trainer(tiny_dataset, tmp_path, *flags).early_updates.params
 
 
-@pytest.mark.parametrize('case', ['lsgan', 'n_critic_2', 'arch_tf'])
+@pytest.mark.parametrize('case', ['lsgan', 'n_critic_2', 'arch_tf', 'full_mlp'])
 def test_recomputed_generators_are_bitwise_the_kept_activations(tiny_dataset, tmp_path, case):
-    """--recompute: activation checkpointing of the generators changes no number."""
+    """--recompute: activation checkpointing of the generators, and within it of each norm, changes no
+    number (full_mlp: the factored big layer inside the recomputed generator)."""
     batches = random_batches(STEPS)
     kept = _train(tiny_trainer(tiny_dataset, tmp_path, *CASES[case]), batches)
-    recomputed = _train(tiny_trainer(tiny_dataset, tmp_path, '--recompute', 'True', *CASES[case]), batches)
+    recomputed = tiny_trainer(tiny_dataset, tmp_path, '--recompute', 'True', *CASES[case])
+    norms = [m for m in recomputed.G.modules() if hasattr(m, 'recompute')]
+    assert norms and all(m.recompute for m in norms)
+    _train(recomputed, batches)
     assert_bitwise(_state(kept), _state(recomputed))
 
 

@@ -20,7 +20,7 @@ from ugatit import UGATIT
 
 def _fake_estimate(config) -> memory.MemoryReport:
     """12 GiB, 10 with --recompute, 3 with --light: what the real estimate says in spirit, instantly."""
-    peak = 3 if config.arch.light else 10 if config.performance.recompute else 12
+    peak = 3 if config.arch.light else 10 if config.performance.recompute is True else 12
     return memory.MemoryReport(int(peak * GiB), {}, 2, 'aten.mm')
 
 
@@ -94,3 +94,37 @@ def test_the_real_estimate_picks_flags_that_really_fit(tiny_dataset, tmp_path):
     found = memory_fit.flags_that_fit(config, estimate, int(usable / (1 + memory_fit.MARGIN)))
     assert not memory_fit.Fit(needed, usable, usable).fits
     assert found and all(needed_with < usable for _, needed_with in found)
+
+
+def test_recompute_auto_is_off_where_no_card_decides(tiny_dataset, tmp_path):
+    """--recompute auto (the default) needs the estimate against a CUDA card; on the CPU, with
+    --memory_check False, or outside training it is off, and the trainer keeps activations."""
+    for extra in ((), ('--memory_check', 'False')):
+        config = main.parse_args(tiny_flags(tiny_dataset, tmp_path, *extra))
+        assert config.performance.recompute is False
+    assert main.parse_args(tiny_flags(tiny_dataset, tmp_path, '--recompute')).performance.recompute is True
+
+
+@pytest.mark.parametrize('gib, expected', [(16.0, False), (11.0, True)])
+def test_recompute_auto_is_on_exactly_when_the_config_does_not_fit_without_it(tiny_dataset, tmp_path, monkeypatch,
+                                                                              capsys, gib, expected):
+    """12 GiB without recomputation: a 16 GiB card keeps activations, an 11 GiB card recomputes (10 GiB)."""
+    config = main.parse_args(tiny_flags(tiny_dataset, tmp_path, '--light', 'False'))
+    config = memory_fit.with_flags(config, {'recompute': 'auto'})   # as validation leaves it on a CUDA device
+    monkeypatch.setattr(training_loop, 'card_memory', lambda device: (int(gib * GiB), int(gib * GiB)))
+    settled = training_loop.settle_recompute(config, _fake_estimate)
+    assert settled.performance.recompute is expected and settled.values['recompute'] is expected
+    line = capsys.readouterr().err.strip()
+    assert line == (f'memory: --recompute auto: {"on" if expected else "off"} (without it the config needs about '
+                    f'12.00 GiB, cuda:0 has {gib:.2f} GiB for it)')
+
+
+def test_the_estimator_estimates_each_config_once(tiny_dataset, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(memory, 'estimate', lambda config, build: calls.append(config) or _fake_estimate(config))
+    estimate = training_loop.memory_estimator(UGATIT)
+    config = main.parse_args(tiny_flags(tiny_dataset, tmp_path))
+    estimate(config)
+    estimate(memory_fit.with_flags(config, {}))
+    estimate(memory_fit.with_flags(config, {'recompute': True}))
+    assert len(calls) == 2

@@ -231,3 +231,43 @@ def test_instance_norm_gradient_is_layout_independent_at_batch_one():
         y = x.detach().contiguous(memory_format=layout).requires_grad_(True)
         got = torch.autograd.grad(InstanceNorm2d(16)(y), y, grad_out.contiguous(memory_format=torch.channels_last))[0]
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def _saved_by_autograd(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    saved = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t)
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        return module(x), saved
+
+
+@pytest.mark.parametrize('padding', [1, (1, 2, 1, 2)])
+def test_reflection_pad_keeps_the_input_shape_not_the_input(padding):
+    """networks.ReflectionPad2d: PyTorch's gradient, bit for bit, without keeping the input alive."""
+    x = torch.randn(2, 3, 5, 6, requires_grad=True)
+    grads, kept = [], []
+    for pad in (nn.ReflectionPad2d(padding), N.ReflectionPad2d(padding)):
+        out, saved = _saved_by_autograd(pad, x)
+        grads.append(torch.autograd.grad(out, x, torch.randn(out.shape, generator=torch.Generator().manual_seed(0)))[0])
+        kept.append(sum(t.numel() for t in saved))
+    assert torch.equal(grads[0], grads[1])
+    assert kept == [x.numel(), 0]
+
+
+@pytest.mark.parametrize('norm', ['ILN', 'adaILN'])
+def test_recomputed_norms_give_the_same_numbers(norm):
+    """--recompute's norms: intermediates recomputed in backward from the input, the same values and grads."""
+    torch.manual_seed(0)
+    module = getattr(N, norm)(4)
+    x = torch.randn(2, 4, 5, 5, requires_grad=True)
+    extra = [torch.randn(2, 4, requires_grad=True) for _ in range(2)] if norm == 'adaILN' else []
+    results = []
+    for recompute in (False, True):
+        module.recompute = recompute
+        out = module(x, *extra)
+        inputs = [x, *extra, *module.parameters()]
+        results.append([out, *torch.autograd.grad(out, inputs, torch.ones_like(out) / 3)])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
