@@ -359,7 +359,10 @@ def estimate(config: Config, build: Callable[[Config], Training], *, device: str
                                                                          compile=False))
     steps = steps or config.schedule.n_critic + 1
     on_cuda = device.startswith('cuda')
-    with FakeTensorMode(allow_non_fake_inputs=True), _fake_construction(), _rng_untouched(), \
+    # torch.compile'd code (torchao's low-bit Adam step) runs eagerly: the dispatcher sees every op, and
+    # its temporaries count as the uncompiled step's (an upper bound for the fused kernels)
+    with torch.compiler.set_stance('force_eager'), \
+            FakeTensorMode(allow_non_fake_inputs=True), _fake_construction(), _rng_untouched(), \
             mock.patch.dict(os.environ, {'WORLD_SIZE': '1', 'RANK': '0', 'LOCAL_RANK': '0'}), \
             cuda_autocast_policy() if on_cuda else contextlib.nullcontext():
         training = build(config)

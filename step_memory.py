@@ -19,18 +19,20 @@ from config import Config
 from distributed import DistributedContext
 from networks import ILN, FactoredGradLinear, GeneratorOutput, adaILN
 
-# The largest slice of a factored gradient formed at once: 64 rows of the 256 × 1 M layer at 256 px.
+# The largest slice of a factored gradient formed at once: 64 rows of the 256 × 1 M layer at 256 px. Slices
+# are whole multiples of 16 rows, the row tile of the BLAS kernels: slices of 1 or 3 rows took other code
+# paths and differed from the whole product in the last bit (MKL, torch 2.14); multiples of 16 match it.
 CHUNK_BYTES = 256 * 2 ** 20
+ROW_TILE = 16
 
 
-def build_early_updates(G: nn.ModuleDict, optimizer: torch.optim.Adam, config: Config, dist: DistributedContext
-                        ) -> EarlyUpdates:
+def build_early_updates(G: nn.ModuleDict, optimizer: torch.optim.Optimizer, config: Config,
+                        dist: DistributedContext) -> EarlyUpdates:
     """Each generator's MLP input layer (268 M of the full model's 279 M parameters) updated inside the
     backward pass; none where that would not be exact (see :class:`EarlyUpdates`) or when switched off.
-    In float32 without TF's L2 term the layer's gradient is never formed whole (factored)."""
+    In float32 without TF's L2 term the layer's gradient is never formed during the backward pass."""
     perf = config.performance
-    # torch's own Adam only (--optim_state 8bit/4bit step in torchao's, whose moments are small anyway)
-    exact = perf.amp != 'fp16' and not dist.enabled and not perf.compile and type(optimizer) is torch.optim.Adam
+    exact = perf.amp != 'fp16' and not dist.enabled and not perf.compile
     layers = [g.FC[0] for g in G.values()] if perf.early_updates and exact else []
     # bf16 autocast runs the layer on a bf16 copy of the weight; TF's L2 term adds a gradient autograd forms
     factored = perf.amp == 'off' and not config.losses.kernel_l2
@@ -38,37 +40,38 @@ def build_early_updates(G: nn.ModuleDict, optimizer: torch.optim.Adam, config: C
 
 
 class EarlyUpdates:
-    """Adam steps of chosen layers' weights inside the generator step's backward pass, so that their
+    """Optimizer steps of chosen layers' weights inside the generator step's backward pass, so that their
     gradients (1 GiB per generator at 256 px) never wait for the rest of the backward pass, the
     optimizer step or the next D step.
 
     Two ways, both exact:
 
     - *factored* (float32): the layer (:class:`networks.FactoredGradLinear`) hands its weight gradient
-      over as factors, ``grad.t() @ x`` per forward use; when the backward pass ends, the gradient is
-      formed :data:`CHUNK_BYTES` rows at a time and each slice takes its Adam step at once. A slice of
-      ``grad.t() @ x`` is the same product of the same rows (one BLAS call on fewer rows), and the uses
-      are summed in the order autograd sums them, so the gradient is bitwise autograd's; Adam's update
-      is elementwise, so its steps on the slices are bitwise its step on the whole tensor. No 1 GiB
-      partial sum lives through the backward pass between a generator's two forward uses.
+      over as factors, ``grad.t() @ x`` per forward use, so no 1 GiB partial sum lives through the
+      backward pass between a generator's two forward uses. When the backward pass ends the gradient is
+      formed from them and stepped: with torch's Adam :data:`CHUNK_BYTES` rows at a time, each slice
+      stepped at once (a slice of ``grad.t() @ x`` is the same product of the same rows, one BLAS call on
+      fewer rows, and Adam's update is elementwise); with torchao's low-bit Adam, whose moments are
+      quantised in blocks, whole. The uses are summed in the order autograd sums them, so the gradient
+      is bitwise autograd's.
     - *whole* (bf16 autocast, TF's L2 term): a post-accumulate hook steps the parameter the moment its
       summed gradient is complete, and frees it.
 
-    The step is the optimizer's own Adam (same hyperparameters, same foreach/fused kernel, the same
-    state dict entries: moments and step counts are shared); the whole-optimizer step then skips the
-    parameter (its grad is None). Not used where the update must wait for every gradient: fp16 (the
-    GradScaler skips a step with any overflow), DDP (the gradient is averaged across ranks after the
-    hook), --compile (hooks inside a compiled graph) and torchao's low-bit Adam; those step as before.
+    The step is the optimizer's own (same class, hyperparameters and kernel, and the same state dict
+    entries: moments and step counts are shared), run on the one tensor; the whole-optimizer step then
+    skips the parameter (its grad is None). Not used where the update must wait for every gradient:
+    fp16 (the GradScaler skips a step with any overflow), DDP (the gradient is averaged across ranks
+    after the hook) and --compile (hooks inside a compiled graph); those step as before.
     """
 
-    def __init__(self, optimizer: torch.optim.Adam, layers: list[nn.Linear], *, factored: bool = True) -> None:
+    def __init__(self, optimizer: torch.optim.Optimizer, layers: list[nn.Linear], *, factored: bool = True) -> None:
         self.optimizer = optimizer
         self.params = [layer.weight for layer in layers]
         # The group's index: load_state_dict (resume) replaces the group dicts, and the LR schedule sets
         # the new ones' lr.
         self._group = {p: next(i for i, g in enumerate(optimizer.param_groups) if any(q is p for q in g['params']))
                        for p in self.params}
-        self._alone = torch.optim.Adam([nn.Parameter(torch.zeros(1))], **optimizer.defaults)   # steps one tensor
+        self._in_rows = type(optimizer) is torch.optim.Adam   # elementwise state; torchao's is blockwise
         self._active = False
         self._factors: dict[nn.Parameter, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         for layer in layers:
@@ -96,35 +99,46 @@ class EarlyUpdates:
             self._factors.setdefault(weight, []).append((grad, x))
             return
         with torch.no_grad():   # any other backward pass: the gradient as autograd would accumulate it
-            part = grad.t().mm(x)
+            part = _gradient_rows([(grad, x)], slice(None))
             weight.grad = part if weight.grad is None else weight.grad.add_(part)
 
     @torch.no_grad()
     def _update_factored(self, p: nn.Parameter, factors: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        state = self._state_of(p)
-        rows = max(1, CHUNK_BYTES // (p[0].numel() * p.element_size()))
+        if not self._in_rows:
+            p.grad = _gradient_rows(factors, slice(None))
+            self._update_whole(p)
+            return
+        state = self._adam_state(p)
+        rows = max(1, CHUNK_BYTES // (p[0].numel() * p.element_size()) // ROW_TILE) * ROW_TILE
         step = state['step']
         for start in range(0, len(p), rows):
             part = slice(start, start + rows)
-            grad = None
-            for g, x in factors:   # ((u1 + u2) + u3): the engine's left fold, in arrival order
-                rows_grad = g.t()[part].mm(x)
-                grad = rows_grad if grad is None else grad.add_(rows_grad)
-            chunk_state = {'step': step.clone(), 'exp_avg': state['exp_avg'][part],
-                           'exp_avg_sq': state['exp_avg_sq'][part]}
-            self._step_one(p, p.detach()[part], grad, chunk_state)
-        state['step'] = chunk_state['step']
+            alias = nn.Parameter(p.detach()[part], requires_grad=False)   # shares the storage: steps ``p``
+            alias.grad = _gradient_rows(factors, part)
+            chunk = {'step': step.clone(), 'exp_avg': state['exp_avg'][part], 'exp_avg_sq': state['exp_avg_sq'][part]}
+            self._alone(p, alias, {alias: chunk}).step()   # increments chunk['step'] in place
+        state['step'] = chunk['step']
 
     @torch.no_grad()
     def _update_whole(self, p: nn.Parameter) -> None:
         if not self._active:
             return
-        self._step_one(p, p.detach(), p.grad, self._state_of(p))
+        self._alone(p, p, self.optimizer.state).step()
         p.grad = None   # freed now; the whole-optimizer step skips a parameter without grad
 
-    def _state_of(self, p: nn.Parameter) -> dict:
-        """``p``'s Adam state, created as ``torch.optim.Adam`` creates it on its first step (the step
-        count on the device when fused)."""
+    def _alone(self, p: nn.Parameter, param: nn.Parameter, state: dict) -> torch.optim.Optimizer:
+        """The optimizer, stepping only ``param`` (``p`` or an alias of rows of it) with ``p``'s group's
+        hyperparameters and ``state``: a shallow copy (torchao keeps its block size and flags as attributes;
+        the group's lr, a tensor there, stays the one the LR schedule sets)."""
+        single = object.__new__(type(self.optimizer))
+        single.__dict__.update(self.optimizer.__dict__)
+        single.param_groups = [{**self.optimizer.param_groups[self._group[p]], 'params': [param]}]
+        single.state = state
+        return single
+
+    def _adam_state(self, p: nn.Parameter) -> dict:
+        """``p``'s state in torch's Adam, created as it creates it on its first step (the step count on the
+        device when fused), so that rows of it can be stepped."""
         state = self.optimizer.state[p]
         if not state:
             group = self.optimizer.param_groups[self._group[p]]
@@ -135,16 +149,15 @@ class EarlyUpdates:
             state['exp_avg_sq'] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return state
 
-    def _step_one(self, p: nn.Parameter, values: torch.Tensor, grad: torch.Tensor, state: dict) -> None:
-        """The optimizer's Adam step of ``values`` (``p`` or rows of it) with ``p``'s group's hyperparameters."""
-        alias = nn.Parameter(values, requires_grad=False)   # shares the storage: the step updates ``p``
-        alias.grad = grad
-        single = self._alone
-        single.param_groups[0].update({k: v for k, v in self.optimizer.param_groups[self._group[p]].items()
-                                       if k != 'params'}, params=[alias])
-        single.state = {alias: state}   # its moments are views of (or are) ``p``'s: updated in place
-        single.step()   # increments state['step'] in place
-        single.state, single.param_groups[0]['params'], alias.grad = {}, [], None   # keep no slice alive
+
+def _gradient_rows(factors: list[tuple[torch.Tensor, torch.Tensor]], rows: slice) -> torch.Tensor:
+    """Rows of the weight gradient ``sum(g.t() @ x)``: each use's product as autograd forms it
+    (``mm_mat2_backward``), summed as the engine sums a leaf's uses, ((u1 + u2) + u3) in arrival order."""
+    total = None
+    for g, x in factors:
+        product = g.t()[rows].mm(x)
+        total = product if total is None else total.add_(product)
+    return total
 
 
 class Recomputed(nn.Module):

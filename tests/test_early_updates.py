@@ -64,21 +64,21 @@ class _MmShapes(TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize('case', ['full_mlp', 'unstacked', 'n_critic_2'])
+@pytest.mark.parametrize('case', ['full_mlp', 'unstacked', 'n_critic_2', 'ema'])
 def test_the_big_layer_gradient_is_formed_a_few_rows_at_a_time(tiny_dataset, tmp_path, monkeypatch, case):
     """In float32 the layer hands its weight gradient over as factors: it is never formed whole, only
-    3 rows at a time here (slices of 3, 3, 3, 3, 3 and 1 of the 16 rows), each slice taking its Adam step
-    at once, and the result is bitwise the step that forms it whole and updates after the backward pass."""
-    flags = (*CASES[case], '--light', 'False')
-    monkeypatch.setattr(step_memory, 'CHUNK_BYTES', 3 * 1024 * 4)
+    16 of its 32 rows at a time here, each slice taking its Adam step at once, and the result is bitwise
+    the step that forms it whole and updates after the backward pass."""
+    flags = (*CASES[case], '--light', 'False', '--ch', '8')
+    monkeypatch.setattr(step_memory, 'CHUNK_BYTES', 16 * 2048 * 4)
     batches = random_batches(STEPS)
     late = _train(tiny_trainer(tiny_dataset, tmp_path, '--early_updates', 'False', *flags), batches)
     early = tiny_trainer(tiny_dataset, tmp_path, *flags)
     weight = early.G['A2B'].FC[0].weight
-    assert weight.shape == (16, 1024) and early.G['A2B'].FC[0].weight_grad_sink is not None
+    assert weight.shape == (32, 2048) and early.G['A2B'].FC[0].weight_grad_sink is not None
     with _MmShapes() as products:
         _train(early, batches)
-    assert (16, 1024) not in products.shapes and {(3, 1024), (1, 1024)} <= products.shapes
+    assert (32, 2048) not in products.shapes and (16, 2048) in products.shapes
     assert_bitwise(_state(late), _state(early))
 
 

@@ -222,3 +222,19 @@ def test_compiled_low_bit_resume_equals_unbroken_run(tiny_dataset, tmp_path):
     """The same round trip with torchao's step compiled, as a real run does."""
     torch.compiler.set_stance('default')
     _resume_round_trip(tiny_dataset, tmp_path, '8bit')
+
+
+@pytest.mark.parametrize('bits', ['8bit', '4bit'])
+def test_early_updates_of_low_bit_moments_are_bitwise_the_whole_step(tiny_dataset, tmp_path, bits):
+    """torchao's Adam steps the big layer alone at the end of the backward pass (from its gradient's
+    factors, formed whole: the moments are quantised in blocks), as exactly as inside its whole step."""
+    flags = ('--optim_state', bits, '--ch', '8', '--light', 'False', '--ema', 'True', '--ema_start', '0')
+    batches = random_batches(3)
+    late = tiny_trainer(tiny_dataset, tmp_path, '--early_updates', 'False', *flags)
+    early = tiny_trainer(tiny_dataset, tmp_path, *flags)
+    assert early.early_updates.params and early.G['A2B'].FC[0].weight_grad_sink is not None
+    for trainer in (late, early):
+        for step, batch in enumerate(batches, start=1):
+            trainer.train_step(batch, step)
+    assert_bitwise(late.state_dict()['genA2B'], early.state_dict()['genA2B'])
+    assert_bitwise(*(low_memory.encode_optimizer_state(t.state_dict()['G_optim']) for t in (late, early)))
