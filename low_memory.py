@@ -67,9 +67,21 @@ def is_low_bit(param: torch.Tensor, optim_state: str) -> bool:
 def low_bit_adam(params: Iterable[nn.Parameter], optim_state: str, lr: float, betas: tuple[float, float],
                  weight_decay: float) -> torch.optim.Optimizer:
     """torchao's Adam with 8- or 4-bit moments (coupled L2 weight decay, like torch.optim.Adam)."""
-    from torchao.optim import Adam4bit, Adam8bit
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+    from torchao.optim import Adam4bit, Adam8bit, subclass_4bit, subclass_8bit
     cls = {'8bit': Adam8bit, '4bit': Adam4bit}[optim_state]
+    # torchao builds its code maps lazily from real values (.tolist()) and caches them: build them now,
+    # outside the fake-tensor mode the memory estimate builds the optimizer under
+    with unset_fake_temporarily():
+        for module in (subclass_8bit, subclass_4bit):
+            module.get_qmap_signed(), module.get_qmap_unsigned()
     return cls(params, lr=lr, betas=betas, weight_decay=weight_decay, block_size=BLOCK_SIZE[optim_state])
+
+
+def first_state(optimizer: torch.optim.Optimizer, p: nn.Parameter) -> dict:
+    """The state torchao's low-bit Adam creates for ``p`` on its first step (zero moments, step 0)."""
+    return {'step': torch.tensor(0.0), 'exp_avg': optimizer._new_buffer(p, True),
+            'exp_avg_sq': optimizer._new_buffer(p, False)}
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_leaves
 
 from config import Config
@@ -145,7 +145,12 @@ class StorageTracker(TorchDispatchMode):
         self._op = 'setup'
 
     def track(self, tensor: torch.Tensor, role: str | None = None) -> int:
-        """Follow ``tensor``'s storage (from now on; once); ``role`` labels it. Returns its serial."""
+        """Follow ``tensor``'s storage (from now on; once); ``role`` labels it. Returns its serial. A
+        wrapper subclass (torchao's low-bit optimizer state) holds no data itself: its inner tensors
+        (codes, scales) are followed instead."""
+        if is_traceable_wrapper_subclass(tensor):
+            inner = [self.track(getattr(tensor, name), role) for name in tensor.__tensor_flatten__()[0]]
+            return inner[0]
         storage = tensor.untyped_storage()
         serial = self._serials.get(id(storage))
         if serial is None:
@@ -394,16 +399,30 @@ def _rng_untouched() -> Iterator[None]:
     np.random.set_state(numpy)
 
 
+def _convert_floats(module: nn.Module, dtype: torch.dtype) -> None:
+    """``Module.to(dtype)`` for fake tensors, whose parameters cannot be swapped in place: new ones."""
+    for m in module.modules():
+        for name, p in m._parameters.items():
+            if p is not None and p.is_floating_point():
+                m._parameters[name] = nn.Parameter(p.detach().to(dtype), requires_grad=p.requires_grad)
+        for name, b in m._buffers.items():
+            if b is not None and b.is_floating_point():
+                m._buffers[name] = b.to(dtype)
+
+
 @contextlib.contextmanager
 def _fake_construction() -> Iterator[None]:
     """What an unmodified trainer needs to be built on fake tensors: ``Module.to`` leaves a module
     of fake tensors where it is (swapping fake parameters fails, and the estimate's tensors are
-    already on the device it models; a layout change costs no bytes), and ``deepcopy`` (the EMA
+    already on the device it models; a layout change costs no bytes; a dtype change is made), and ``deepcopy`` (the EMA
     copies) keeps the copies in the same fake mode."""
     original_to = nn.Module.to
 
     def to(module: nn.Module, *args, **kwargs) -> nn.Module:
         if any(isinstance(t, FakeTensor) for t in itertools.chain(module.parameters(), module.buffers())):
+            dtype = torch._C._nn._parse_to(*args, **kwargs)[1]
+            if dtype is not None:   # a dtype change does cost bytes (--ema_dtype bf16)
+                _convert_floats(module, dtype)
             return module
         return original_to(module, *args, **kwargs)
 

@@ -15,14 +15,18 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+import low_memory
 from config import Config
 from distributed import DistributedContext
 from networks import ILN, FactoredGradLinear, GeneratorOutput, adaILN
 
-# The largest slice of a factored gradient formed at once: 64 rows of the 256 × 1 M layer at 256 px. Slices
-# are whole multiples of 16 rows, the row tile of the BLAS kernels: slices of 1 or 3 rows took other code
-# paths and differed from the whole product in the last bit (MKL, torch 2.14); multiples of 16 match it.
+# The largest slice of a factored gradient formed at once: 64 rows of the 256 × 1 M layer at 256 px with
+# torch's Adam (fused on CUDA: no temporaries), 16 with torchao's, whose step makes about six float32
+# temporaries of the slice. Slices are whole multiples of 16 rows, the row tile of the BLAS kernels:
+# slices of 1 or 3 rows took other code paths and differed from the whole product in the last bit (MKL,
+# torch 2.14); multiples of 16 match it.
 CHUNK_BYTES = 256 * 2 ** 20
+LOW_BIT_CHUNK_BYTES = 64 * 2 ** 20
 ROW_TILE = 16
 
 
@@ -49,11 +53,10 @@ class EarlyUpdates:
     - *factored* (float32): the layer (:class:`networks.FactoredGradLinear`) hands its weight gradient
       over as factors, ``grad.t() @ x`` per forward use, so no 1 GiB partial sum lives through the
       backward pass between a generator's two forward uses. When the backward pass ends the gradient is
-      formed from them and stepped: with torch's Adam :data:`CHUNK_BYTES` rows at a time, each slice
-      stepped at once (a slice of ``grad.t() @ x`` is the same product of the same rows, one BLAS call on
-      fewer rows, and Adam's update is elementwise); with torchao's low-bit Adam, whose moments are
-      quantised in blocks, whole. The uses are summed in the order autograd sums them, so the gradient
-      is bitwise autograd's.
+      formed from them a slice of rows at a time (:data:`CHUNK_BYTES`) and each slice stepped at once: a slice of
+      ``grad.t() @ x`` is the same product of the same rows (one BLAS call on fewer rows), the uses are
+      summed in the order autograd sums them, and Adam's update is elementwise (torchao's low-bit moments
+      are quantised in blocks within a row), so weights and moments are bitwise the whole step's.
     - *whole* (bf16 autocast, TF's L2 term): a post-accumulate hook steps the parameter the moment its
       summed gradient is complete, and frees it.
 
@@ -71,7 +74,6 @@ class EarlyUpdates:
         # the new ones' lr.
         self._group = {p: next(i for i, g in enumerate(optimizer.param_groups) if any(q is p for q in g['params']))
                        for p in self.params}
-        self._in_rows = type(optimizer) is torch.optim.Adam   # elementwise state; torchao's is blockwise
         self._active = False
         self._factors: dict[nn.Parameter, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         for layer in layers:
@@ -104,12 +106,9 @@ class EarlyUpdates:
 
     @torch.no_grad()
     def _update_factored(self, p: nn.Parameter, factors: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        if not self._in_rows:
-            p.grad = _gradient_rows(factors, slice(None))
-            self._update_whole(p)
-            return
-        state = self._adam_state(p)
-        rows = max(1, CHUNK_BYTES // (p[0].numel() * p.element_size()) // ROW_TILE) * ROW_TILE
+        state = self._state_of(p)
+        most = CHUNK_BYTES if type(self.optimizer) is torch.optim.Adam else LOW_BIT_CHUNK_BYTES
+        rows = max(1, most // (p[0].numel() * p.element_size()) // ROW_TILE) * ROW_TILE
         step = state['step']
         for start in range(0, len(p), rows):
             part = slice(start, start + rows)
@@ -136,17 +135,20 @@ class EarlyUpdates:
         single.state = state
         return single
 
-    def _adam_state(self, p: nn.Parameter) -> dict:
-        """``p``'s state in torch's Adam, created as it creates it on its first step (the step count on the
-        device when fused), so that rows of it can be stepped."""
+    def _state_of(self, p: nn.Parameter) -> dict:
+        """``p``'s optimizer state, created as the optimizer creates it on its first step, so that rows of it
+        can be stepped (torchao's low-bit moments slice by rows too: a row is whole quantisation blocks)."""
         state = self.optimizer.state[p]
         if not state:
-            group = self.optimizer.param_groups[self._group[p]]
-            on_device = group['fused'] or group['capturable']
-            state['step'] = (torch.zeros((), dtype=torch.float32, device=p.device) if on_device
-                             else torch.tensor(0.0, dtype=torch.get_default_dtype()))
-            state['exp_avg'] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state['exp_avg_sq'] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if type(self.optimizer) is torch.optim.Adam:
+                group = self.optimizer.param_groups[self._group[p]]
+                on_device = group['fused'] or group['capturable']   # the step count on the device when fused
+                state['step'] = (torch.zeros((), dtype=torch.float32, device=p.device) if on_device
+                                 else torch.tensor(0.0, dtype=torch.get_default_dtype()))
+                state['exp_avg'] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state['exp_avg_sq'] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            else:
+                state.update(low_memory.first_state(self.optimizer, p))
         return state
 
 

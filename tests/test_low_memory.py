@@ -225,9 +225,12 @@ def test_compiled_low_bit_resume_equals_unbroken_run(tiny_dataset, tmp_path):
 
 
 @pytest.mark.parametrize('bits', ['8bit', '4bit'])
-def test_early_updates_of_low_bit_moments_are_bitwise_the_whole_step(tiny_dataset, tmp_path, bits):
-    """torchao's Adam steps the big layer alone at the end of the backward pass (from its gradient's
-    factors, formed whole: the moments are quantised in blocks), as exactly as inside its whole step."""
+def test_early_updates_of_low_bit_moments_are_bitwise_the_whole_step(tiny_dataset, tmp_path, monkeypatch, bits):
+    """torchao's Adam steps the big layer (32 × 2048) at the end of the backward pass from its gradient's
+    factors, 16 rows at a time here (its quantisation blocks lie within rows), as exactly as inside its
+    whole step."""
+    import step_memory
+    monkeypatch.setattr(step_memory, 'LOW_BIT_CHUNK_BYTES', 16 * 2048 * 4)
     flags = ('--optim_state', bits, '--ch', '8', '--light', 'False', '--ema', 'True', '--ema_start', '0')
     batches = random_batches(3)
     late = tiny_trainer(tiny_dataset, tmp_path, '--early_updates', 'False', *flags)
