@@ -131,6 +131,8 @@ class SpectralNorm:
         hook = SpectralNorm(eps)
         module.weight = hook.compute_weight(module, power_iteration=False)
         module.register_forward_pre_hook(hook)
+        if isinstance(module, nn.Conv2d):
+            module.register_forward_hook(_release_normalised_weight)
         return module
 
     def compute_weight(self, module: nn.Module, power_iteration: bool) -> torch.Tensor:
@@ -149,6 +151,13 @@ class SpectralNorm:
 
     def __call__(self, module: nn.Module, inputs: tuple) -> None:
         module.weight = self.compute_weight(module, power_iteration=module.training)
+
+
+def _release_normalised_weight(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+    """A conv's W/σ is needed by its own forward and backward only (the graph keeps it for the backward):
+    the attribute does not hold it on (the critics' largest, 128 MiB at 256 px, would outlive its
+    backward pass through the generators' whole backward). The next forward sets it again."""
+    module.weight = None
 
 
 def _float32_region(device_type: str) -> contextlib.AbstractContextManager:
@@ -247,7 +256,8 @@ class adaILN(nn.Module):  # noqa: N801 - PT's class name
 
     def _normalise(self, x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
         out = _layer_instance_mix(x, self.effective_rho(), self.eps, self.unbiased)
-        out = out * gamma.to(out.dtype)[:, :, None, None] + beta.to(out.dtype)[:, :, None, None]
+        shape = (*gamma.shape, 1, 1)   # one view op each (indexing with None takes two)
+        out = out * gamma.to(out.dtype).view(shape) + beta.to(out.dtype).view(shape)
         return out.to(x.dtype)
 
 
