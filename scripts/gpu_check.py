@@ -19,11 +19,14 @@ call, ``torchrun``) as a subprocess on a small generated dataset:
   light 256 px, ``--amp off,bf16,fp16``; CPU: the tiny config, off and bf16); its table is printed too.
 - ``low-memory``: ``--optim_state 8bit --ema_dtype bf16`` killed and resumed as above (torchao compiles
   its step: on the CPU only with ``UGATIT_SLOW_TESTS=1``).
-- ``ada`` (kill and resume as above), ``channels_last``, ``compile`` (on the CPU only with
-  ``UGATIT_SLOW_TESTS=1``: minutes of compilation), ``faceseg`` and ``facenet`` (random weights written
-  to a file, as a user's downloaded ones), ``ddp`` and ``ddp-cam_D_off`` (torchrun, 2 processes: on CUDA
-  only with 2 devices, on the CPU over gloo; ``ddp`` also resumes on CUDA and with ``--full``), ``export``,
-  ``onnx`` and ``demo`` (from a checkpoint trained on the device).
+- ``memory-full256`` (CUDA): the full model's peak memory at batch 1, defaults and ``--recompute True``,
+  measured (``scripts/benchmark.py --estimate``) next to ``memory.estimate``'s figure.
+- ``recompute`` (``--recompute True``) and ``ada``, each killed and resumed as above, ``channels_last``,
+  ``compile`` (on the CPU only with ``UGATIT_SLOW_TESTS=1``: minutes of compilation), ``faceseg`` and
+  ``facenet`` (random weights written to a file, as a user's downloaded ones), ``ddp`` and
+  ``ddp-cam_D_off`` (torchrun, 2 processes: on CUDA only with 2 devices, on the CPU over gloo; ``ddp``
+  also resumes on CUDA and with ``--full``), ``export``, ``onnx`` and ``demo`` (from a checkpoint
+  trained on the device).
 
 Rows run ``--jobs`` at a time in this order: compile (it compiles for minutes, so it starts first), the
 resume rows, the benchmark rows (on CUDA alone, once the rows before them have ended), the other
@@ -519,6 +522,31 @@ def low_memory_row(ctx: Context, row: RowRun) -> tuple[float | None, str]:
     return resume_cycle(ctx, row, '--optim_state', '8bit', '--ema_dtype', 'bf16')
 
 
+def recompute_row(ctx: Context, row: RowRun) -> tuple[float | None, str]:
+    """--recompute True (generators and norms recomputed, the big layer updated from its factors): kill,
+    resume, test."""
+    return resume_cycle(ctx, row, '--recompute', 'True')
+
+
+def memory_row(ctx: Context, row: RowRun) -> tuple[float | None, str]:
+    """The full model's peak memory, default and --recompute, measured next to memory.estimate's figure."""
+    if not ctx.cuda:
+        raise Skip("the estimate models CUDA's allocator: measured against it on a CUDA device only")
+    notes, s_per_it = [], None
+    for flags in ('', '--recompute True'):
+        out = row.dir / f'memory{len(notes)}.json'
+        row.run('memory', [sys.executable, 'scripts/benchmark.py', '--device', ctx.device, '--configs', 'full256',
+                           '--flags', flags, '--iters', '2', '--warmup', '3', '--no_flops', '--no_reference',
+                           '--estimate', '--json', str(out)])
+        result = json.loads(out.read_text())['rows'][0]
+        measured, estimated = result['fast']['gpu_peak_bytes'], result['estimate']['fast']['peak_bytes']
+        s_per_it = s_per_it or result['fast']['s_per_it']
+        notes.append(f'{flags or "defaults"}: measured {measured / 2 ** 30:.2f} GiB, estimated '
+                     f'{estimated / 2 ** 30:.2f} ({100 * (estimated / measured - 1):+.1f}%), '
+                     f'{result["fast"]["s_per_it"]:.3f} s/it')
+    return s_per_it, '; '.join(notes)
+
+
 def face_steps(ctx: Context) -> list[str]:
     """The face networks run at 512 (BiSeNet) and 160 px (FaceNet) whatever the model's size: on the CPU
     three steps, the fewest that give an s/it."""
@@ -636,7 +664,9 @@ def build_rows(ctx: Context) -> list[Row]:
                  Row('benchmark-light256', benchmark_row('light256'), 240, alone=True)]
     else:
         rows.append(Row('benchmark-tiny', benchmark_row('tiny'), 180))
-    rows += [Row('ada', ada, 180),
+    if cuda:
+        rows.append(Row('memory-full256', memory_row, 240, alone=True))
+    rows += [Row('recompute', recompute_row, 180), Row('ada', ada, 180),
              Row('channels_last', channels_last, 120), Row('faceseg', faceseg, 150), Row('facenet', facenet, 150),
              Row('ddp', ddp_row(resume=cuda or ctx.full, test=True), 180),
              Row('ddp-cam_D_off', ddp_row('--cam_D_weight', '-1', '--cam_D_attention', 'False', resume=False,
