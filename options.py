@@ -295,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     perf.add_argument('--recompute', type=_auto_or_bool, nargs='?', const=True, default='auto', metavar='auto|BOOL',
                       help="recompute the generators' activations (and each norm's intermediates) in their backward "
                       'pass instead of keeping them through the D step: exact, less memory (full model, 256 px: '
-                      'about 3.7 GiB), one more generator forward pass per step. auto: on when the config would not '
+                      'about 3.8 GiB), one more generator forward pass per step. auto: on when the config would not '
                       'fit the CUDA card without it (decided at start-up from the memory estimate; off on the CPU '
                       'and with --memory_check False)')
     _flag(perf, '--memory_check', True, "CUDA: estimate the config's peak memory at start-up (on the CPU, "

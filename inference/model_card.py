@@ -34,8 +34,10 @@ TF_REPOSITORY = 'https://github.com/taki0112/UGATIT'
 PROJECT_NAME = 'U-GAT-IT (PyTorch)'   # this project, as its README names itself
 PROJECT_URL: str | None = None        # its public repository: README names none yet; the card links it when set
 THIS_FOLDER = 'path/to/this/folder'   # the card's --checkpoint for an export not on the Hub: it may be copied anywhere
-# Flags about this machine, paths and the inference phases: not part of how the weights came to be.
+# Flags about this machine, paths and the inference phases: not part of how the weights came to be
+# (--recompute and --memory_check decide where memory goes on this card; they change no number).
 NOT_TRAINING = frozenset({
+    'recompute', 'memory_check',
     'phase', 'dataset', 'result_dir', 'device', 'seed', 'resume', 'overwrite', 'checkpoint', 'no_ema', 'img_dir',
     'direction', 'out_dir', 'video_path', 'camera_id', 'crop', 'align_faces', 'keep_size', 'max_size', 'num_workers',
     'print_freq', 'log_freq', 'save_freq', 'latest_freq', 'keep_checkpoints', 'metric_freq', 'fid_batch',

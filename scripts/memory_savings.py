@@ -4,6 +4,10 @@ Usage (from the repository root)::
 
     python scripts/memory_savings.py --config full256 --savings ,free_grads,fc_in_backward,free_grads+fc_offload
 
+It was written to choose the savings of issue 23, several of which the step now makes itself (freed
+gradients, ``--early_updates``, ``--recompute``): a what-if starts from today's step, so those savings
+show little here; README's "Memory without a GPU" has the figures of the step as built.
+
 Each saving changes the unmodified trainer from outside (hooks, wrapped methods, patched functions), in
 the estimate's fake-tensor run only. They simulate where tensors live and when they are freed, not
 the numerics: ``fc_in_backward`` runs the FC weights' fused Adam update in their gradient hook, which
