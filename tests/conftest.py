@@ -81,11 +81,17 @@ def trained_checkpoint(tmp_path_factory, name: str) -> Path:
 
 def record_gradients(module) -> dict:
     """name -> the gradient each parameter of ``module`` receives in the next backward passes (the step
-    frees gradients after its optimizer steps, and updates the big MLP layers inside the backward)."""
+    frees gradients after its optimizer steps, and updates the big MLP layers inside the backward). In
+    float32 those layers' weight gradients are never formed (step_memory.EarlyUpdates: the hook sees
+    None), so they are not recorded."""
     seen: dict = {}
+
+    def record(grad, name: str) -> None:
+        if grad is not None:
+            seen[name] = grad.detach().clone()
     for name, p in module.named_parameters():
         if p.requires_grad:
-            p.register_hook(lambda grad, name=name: seen.__setitem__(name, grad.detach().clone()))
+            p.register_hook(lambda grad, name=name: record(grad, name))
     return seen
 
 
