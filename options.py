@@ -308,8 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(perf, '--benchmark_flag', False, 'cudnn.benchmark')
     _flag(perf, '--stack_batches', True, 'run each network once per stage on stacked inputs (exact)')
     _flag(perf, '--early_updates', True, "update the generators' big MLP layer (268 M parameters at 256 px) "
-          'inside its gradient hook, so its 1 GiB gradient is freed at once (exact; not under fp16, torchrun or '
-          '--compile, which update after the whole backward pass)')
+          'at the end of the backward pass from its gradient\'s factors, a slice of rows at a time, so its '
+          '1 GiB gradient is never formed (float32; under bf16 and --arch tf in its gradient hook); exact. Not '
+          'under fp16, torchrun or --compile, which update after the whole backward pass')
     return parser
 
 
