@@ -271,3 +271,21 @@ def test_recomputed_norms_give_the_same_numbers(norm):
         results.append([out, *torch.autograd.grad(out, inputs, torch.ones_like(out) / 3)])
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+def test_spectral_norm_conv_keeps_no_normalised_weight_after_its_backward():
+    """W/σ lives in the graph only: once the backward pass has used it, it is freed (the critics'
+    largest is 128 MiB at 256 px; the module's attribute held it until the next forward); the next
+    forward computes it again."""
+    import weakref
+    torch.manual_seed(0)
+    conv = N.spectral_norm(nn.Conv2d(3, 4, 3))
+    used = []
+    conv.register_forward_pre_hook(lambda module, args: used.append(weakref.ref(module.weight)))  # after SN's
+    x = torch.randn(1, 3, 6, 6)
+    out = conv(x)
+    assert used[0]() is not None and conv.weight is None   # alive in the graph only
+    out.sum().backward()
+    del out
+    assert used[0]() is None
+    assert conv(x).shape == (1, 4, 4, 4) and len(used) == 2
