@@ -385,23 +385,33 @@ def _resumed_at(err: str) -> list[int]:
     return [int(step) for step in re.findall(r'resumed from \S+ at step (\d+)', err)]
 
 
+def _kill_in_a_two_rank_run(data: Path, out: Path, tmp_path: Path, victim: Callable[[list[int]], int]) -> tuple:
+    """A restartable two-rank torchrun run; once its first checkpoint exists, SIGKILL the process
+    ``victim(rank pids)`` names, and let the run finish: (the job, torchrun's exit status)."""
+    job = Job.torchrun(_ddp_flags(data, out), tmp_path / 'torchrun.err', max_restarts=2)
+    try:
+        _wait_for_checkpoint(job, out, after=2)
+        ranks = _ranks(job.pid)
+        assert set(ranks) == {0, 1}, ranks
+        os.kill(victim(ranks), signal.SIGKILL)
+        code = job.finish()
+    finally:
+        job.kill()
+    return job, code
+
+
 @slow
 def test_a_killed_data_worker_of_one_rank_is_replaced_without_a_restart(ddp_unbroken, tmp_path):
     """Rank 1 replaces its loader by itself while rank 0 waits in the all-reduce: no rank fails, torchrun
     restarts nothing (a rank ending with WorkerDied would be restarted and rank 0 would log 'resumed from')."""
     data, unbroken = ddp_unbroken
     out = tmp_path / 'out'
-    job = Job.torchrun(_ddp_flags(data, out), tmp_path / 'torchrun.err', max_restarts=2)
-    try:
-        _wait_for_checkpoint(job, out, after=2)
-        ranks = _ranks(job.pid)
-        assert set(ranks) == {0, 1}, ranks
+
+    def a_data_worker_of_rank_1(ranks: list[int]) -> int:
         workers = _data_workers(ranks[1])
         assert len(workers) == 2, workers
-        os.kill(workers[1], signal.SIGKILL)
-        code = job.finish()
-    finally:
-        job.kill()
+        return workers[1]
+    job, code = _kill_in_a_two_rank_run(data, out, tmp_path, a_data_worker_of_rank_1)
     err = job.err()
     assert code == 0, job.tail(4000)
     assert 'failed (exitcode' not in err and _resumed_at(err) == [], job.tail(4000)   # replaced inside rank 1
@@ -414,15 +424,8 @@ def test_a_killed_rank_is_restarted_by_torchrun_and_resumes(ddp_unbroken, tmp_pa
     rank 1's collective fails, torchrun restarts both ranks, and they resume from the newest checkpoint."""
     data, unbroken = ddp_unbroken
     out = tmp_path / 'out'
-    job = Job.torchrun(_ddp_flags(data, out), tmp_path / 'torchrun.err', max_restarts=2)
-    try:
-        _wait_for_checkpoint(job, out, after=2)
-        ranks = _ranks(job.pid)
-        assert set(ranks) == {0, 1}, ranks
-        os.kill(ranks[0], signal.SIGKILL)   # the one holding the run folder and writing the checkpoints
-        code = job.finish()
-    finally:
-        job.kill()
+    # rank 0: the one holding the run folder and writing the checkpoints
+    job, code = _kill_in_a_two_rank_run(data, out, tmp_path, lambda ranks: ranks[0])
     err = job.err()
     assert code == 0, job.tail(4000)
     assert len(_resumed_at(err)) == 1 and 'failed (exitcode: -9) local_rank: 0' in err, job.tail(4000)
