@@ -133,6 +133,7 @@ class Performance:
     early_updates: bool = True          # exact: see step_memory.EarlyUpdates
     recompute: bool | str = False       # exact, slower: see step_memory.Recomputed; 'auto' until start-up
     memory_check: bool = True           # CUDA: the estimated peak against the card at start-up
+    cuda_graph: bool = False            # the whole step captured as a CUDA graph: see step_capture.py
 
 
 @dataclass(frozen=True)

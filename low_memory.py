@@ -93,6 +93,36 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
             group['lr'] = lr
 
 
+# How a group's step runs on this machine, not training state: kept as built when a checkpoint is loaded
+IMPLEMENTATION = ('foreach', 'fused', 'capturable')
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state_dict: dict) -> None:
+    """``optimizer.load_state_dict``, keeping what the optimizer was built with for this machine and run:
+    the kernel (a checkpoint's groups would otherwise bring back foreach from a CPU run, fused from a CUDA
+    one) and the kind of learning rate: a tensor stays the same tensor (torchao's; the captured step of
+    --cuda_graph reads its address), a float a float."""
+    built = [{key: group[key] for key in ('lr', *IMPLEMENTATION) if key in group} for group in optimizer.param_groups]
+    optimizer.load_state_dict(state_dict)
+    for group, before in zip(optimizer.param_groups, built):
+        lr = before.pop('lr')
+        if isinstance(lr, torch.Tensor):
+            lr.fill_(group['lr'])
+        group.update(before, lr=lr if isinstance(lr, torch.Tensor) else float(group['lr']))
+        if 'fused' in group:   # torch's Adam: fused and capturable steps count on the device, others on the host
+            _place_step_counts(optimizer, group)
+
+
+def _place_step_counts(optimizer: torch.optim.Optimizer, group: dict) -> None:
+    on_device = group['fused'] or group['capturable']
+    for p in group['params']:
+        state = optimizer.state.get(p, {})
+        step = state.get('step')
+        where = p.device if on_device else torch.device('cpu')
+        if isinstance(step, torch.Tensor) and step.device != where:
+            state['step'] = step.to(where, torch.float32)
+
+
 def _state_classes() -> dict[str, type]:
     from torchao.optim.subclass_4bit import OptimState4bit
     from torchao.optim.subclass_8bit import OptimState8bit
@@ -176,7 +206,10 @@ class BF16EMA(utils.EMA):
         self._generator: torch.Generator | None = None
 
     @torch.no_grad()
-    def update(self, model: nn.Module, step: int) -> None:
+    def update(self, model: nn.Module, step: int | None = None) -> None:
+        if step is not None:
+            self.set_step(step)
+        step = self.step
         beta = self.beta_at(step)
         device = next(self.model.parameters()).device
         if self._generator is None or self._generator.device != device:

@@ -355,13 +355,14 @@ def estimate(config: Config, build: Callable[[Config], Training], *, device: str
     unmodified on fake CPU tensors, on CUDA with fused Adam and autocast's CUDA cast policy (as it is
     built there). ``steps`` defaults to ``n_critic + 1``: step 1 creates Adam's moments at its very
     end, so only later steps show the steady state (the first G step after it and one whole critic
-    cycle). The estimate is of one process's eager step: ``--compile`` is ignored, and under torchrun
+    cycle). The estimate is of one process's eager step: ``--compile`` is ignored (``--cuda_graph``
+    too: the graph's private pool holds about the step's own peak), and under torchrun
     DDP's gradient buckets (about the size of the gradients) come on top. The global random
     generators are left as they were (building a trainer seeds them).
     """
     device = device or config.performance.device
     config = dataclasses.replace(config, performance=dataclasses.replace(config.performance, device='cpu',
-                                                                         compile=False))
+                                                                         compile=False, cuda_graph=False))
     steps = steps or config.schedule.n_critic + 1
     on_cuda = device.startswith('cuda')
     # torch.compile'd code (torchao's low-bit Adam step) runs eagerly: the dispatcher sees every op, and

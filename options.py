@@ -305,6 +305,12 @@ def build_parser() -> argparse.ArgumentParser:
                       'network (forward and backward) as CUDA graphs, which removes most per-operation launch '
                       'overhead at batch 1; not yet measured on a GPU, so not the default (the optimizer, the '
                       'losses and EMA stay eager)')
+    _flag(perf, '--cuda_graph', False, 'capture the whole training step (both networks\' forward and backward, '
+          'Adam, EMA) as a CUDA graph after 3 eager warm-up steps and replay it: one launch instead of thousands at '
+          'batch 1. Same numbers within float rounding (fused, capturable Adam reading the LR from a device '
+          'scalar); batches of one shape. Not with --amp fp16, --compile, torchrun, --ada, the gradient-penalty '
+          'GANs, face segmentation or FaceNet losses, --selective_backprop, --optim_state 8bit/4bit or --ema_dtype '
+          'bf16 (each changes per step on the host). Not yet measured on a GPU: off by default')
     _flag(perf, '--benchmark_flag', False, 'cudnn.benchmark')
     _flag(perf, '--stack_batches', True, 'run each network once per stage on stacked inputs (exact)')
     _flag(perf, '--early_updates', True, "update the generators' big MLP layer (268 M parameters at 256 px) "
@@ -404,6 +410,7 @@ def validate(flags: argparse.Namespace, explicit: frozenset[str] = frozenset()) 
         cfg.recompute = False   # auto needs the estimate against a card: memory_fit.settle_recompute
     if cfg.phase == 'train':
         _validate_memory(cfg, fail)
+        _validate_cuda_graph(cfg, fail)
     values = {key: value for key, value in vars(cfg).items() if key != 'explicit'}
     return Config.from_values(values, cfg.explicit)
 
@@ -509,6 +516,32 @@ def _validate_memory(cfg, fail) -> None:
     if cfg.device == 'cpu' and not low_memory.cpp_compiler():
         fail(f"{flag} on the CPU: torchao's step is compiled by torch.compile, which needs a C++ compiler "
              '(apt-get install g++, or set CXX)')
+
+
+def _validate_cuda_graph(cfg, fail) -> None:
+    """What a captured step cannot hold: host decisions or reads inside the step (step_capture.py)."""
+    if not cfg.cuda_graph:
+        return
+    import torch
+
+    import step_capture
+    if step_capture.backend_for(torch.device(cfg.device)) is None:
+        fail(f'--cuda_graph needs a CUDA device (this run is on {cfg.device}); drop --cuda_graph')
+    conflicts = {
+        '--amp fp16': cfg.amp == 'fp16',   # the GradScaler decides on the host whether to step
+        '--compile True': cfg.compile,
+        '--ada True': cfg.ada,             # its strength is updated from host reads
+        f'--gan_type {cfg.gan_type}': cfg.gan_type in PENALTY_GAN_TYPES,   # reseeded generators, double backward
+        'face segmentation (--seg_*)': cfg.use_faceseg,
+        '--face_distance_weight': cfg.face_distance_weight > 0,
+        '--selective_backprop True': cfg.selective_backprop,
+        f'--optim_state {cfg.optim_state}': cfg.optim_state != 'fp32',
+        '--ema_dtype bf16': cfg.ema and cfg.ema_dtype == 'bf16',   # stochastic rounding reseeded per step
+    }
+    named = [flag for flag, on in conflicts.items() if on]
+    if named:
+        fail(f'--cuda_graph cannot be combined with {", ".join(named)} (not capturable as one graph); '
+             'drop --cuda_graph or those flags')
 
 
 # Options that act only while another feature is on: given without it, they are an error rather

@@ -116,7 +116,7 @@ class EarlyUpdates:
             alias.grad = _gradient_rows(factors, part)
             chunk = {'step': step.clone(), 'exp_avg': state['exp_avg'][part], 'exp_avg_sq': state['exp_avg_sq'][part]}
             self._alone(p, alias, {alias: chunk}).step()   # increments chunk['step'] in place
-        state['step'] = chunk['step']
+        step.copy_(chunk['step'])   # in place: a captured step (--cuda_graph) keeps reading this tensor
 
     @torch.no_grad()
     def _update_whole(self, p: nn.Parameter) -> None:
@@ -166,7 +166,7 @@ class Recomputed(nn.Module):
     """A generator whose activations are recomputed during its backward pass instead of kept from the
     forward pass (activation checkpointing, ``--recompute``): the six generator passes of a step keep
     only their inputs while the D step runs. Exact: the same operations run again on the same inputs
-    (the generators draw no random numbers; the RNG state is restored for the recomputation anyway)."""
+    (the generators draw no random numbers)."""
 
     def __init__(self, net: nn.Module) -> None:
         super().__init__()
@@ -178,4 +178,6 @@ class Recomputed(nn.Module):
     def forward(self, x: torch.Tensor) -> GeneratorOutput:
         if not torch.is_grad_enabled():
             return self.net(x)
-        return checkpoint(self.net, x, use_reentrant=False)
+        # The generators draw no random numbers (tests/test_networks.py), so no RNG state is saved and restored
+        # (neither may happen inside a captured step, --cuda_graph).
+        return checkpoint(self.net, x, use_reentrant=False, preserve_rng_state=False)

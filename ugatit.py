@@ -34,6 +34,7 @@ import images
 import losses as L
 import low_memory
 import memory
+import step_capture
 import utils
 from checkpoints import PT_KEYS, TRAINING_FORMAT, load_module, state_nbytes
 from config import Config, LossWeights
@@ -111,12 +112,21 @@ class UGATIT:
         self.g_terms = L.build_generator_terms(config.generator_terms, self.device)
         self.frozen_on_other_groups = selective_backprop_params(self.G) if config.few_shot.selective_backprop else []
         self.early_updates = build_early_updates(self.G, self.G_optim, config, self.dist)
+        self._frozen_this_step: list[nn.Parameter] = []
         # 'auto' is settled before a run builds its trainer (training_loop.settle_recompute); unsettled, it is off
         recompute = perf.recompute is True
         generators = nn.ModuleDict({name: Recomputed(g) for name, g in self.G.items()}) if recompute else self.G
         self.G_run, self.D_run, self.D_local = wrap_for_speed(
             generators, self.D, self.dist, perf.compile, mode=perf.compile_mode,
             untrained=untrainable_parameters(self.D, self.weights.cam_D_weight, self.regularisers['D']))
+        self.run_device_step = self._eager_step if not perf.cuda_graph else self._captured_step()
+
+    def _captured_step(self) -> step_capture.CapturedStep:
+        """--cuda_graph: the device step behind static inputs, captured once per kind of step."""
+        backend = step_capture.backend_for(self.device)
+        if backend is None or self.dist.enabled:
+            raise UserError('--cuda_graph needs one CUDA device per process and no torchrun (DDP)')
+        return step_capture.CapturedStep(backend, self._device_step, self._prepare)
 
     # -- schedule ----------------------------------------------------------------------------------
 
@@ -194,22 +204,42 @@ class UGATIT:
         """One full iteration; returns detached loss tensors (no host sync). Until its first
         optimizer update the step can be undone (:meth:`restore_last_completed_step`)."""
         self._undo.begin(self._volatile_tensors())
-        batch = self._prepare(batch)
+        generator_step = self.schedule.is_generator_step(step)
+        self._set_step_inputs(step)
+        logs = self.run_device_step(batch, generator_step)
+        self._finish_step(step)
+        return logs
+
+    def _set_step_inputs(self, step: int) -> None:
+        """What the device step reads that changes from step to step, set on the host: the learning rate
+        and the EMA decay (written into device scalars under --cuda_graph), the random generators' seeds
+        and which parameters selective backprop leaves alone."""
         self._set_lr(self.lr_at(step))
         for name, rng in self.step_rngs.items():
             rng.manual_seed(data.derive_seed(self.config.run.seed, name, self.dist.rank, step))
+        for ema in (self.ema or {}).values():
+            ema.set_step(step)
+        base_group = not self.frozen_on_other_groups or self._is_base_group_step(step)
+        self._frozen_this_step = [] if base_group else self.frozen_on_other_groups
+
+    def _eager_step(self, batch: dict[str, torch.Tensor], generator_step: bool) -> dict[str, torch.Tensor]:
+        return self._device_step(self._prepare(batch), generator_step)
+
+    def _device_step(self, batch: dict[str, torch.Tensor], generator_step: bool) -> dict[str, torch.Tensor]:
+        """The step's device work on a batch already on the device: only tensors are read, no Python state
+        that changes between steps, so that --cuda_graph can capture it (step_capture.py)."""
         masks = self.face_masking(batch) if self.face_masking is not None else NO_MASKS
         self.G.train()
-        generator_step = self.schedule.is_generator_step(step)
         with self.autocast():
             translations = self.generate(batch) if generator_step else None
             fakes = self.fakes(batch, translations)
         logs: dict[str, torch.Tensor] = {}
         self.d_step(batch, fakes, masks, logs)
         if generator_step:
-            self.g_step(batch, translations, masks, logs, step)
+            self.g_step(batch, translations, masks, logs)
         self.scaler.update()   # once per iteration, after every optimizer step (AMP's multi-optimizer recipe)
-        self.after_step(step, generator_step)
+        if generator_step:
+            self._after_generator_update()
         return logs
 
     def fakes(self, batch: dict[str, torch.Tensor], translations: dict[str, Translation] | None
@@ -260,7 +290,7 @@ class UGATIT:
         self.scaler.step(self.D_optim)
         self.D_optim.zero_grad(set_to_none=True)   # not kept through the G step
 
-    def g_step(self, batch, translations, masks: FaceMasks, logs, step: int) -> None:
+    def g_step(self, batch, translations, masks: FaceMasks, logs) -> None:
         """Generators: adversarial, cycle, identity and CAM terms plus the active optional terms."""
         weights = self.weights
         self.G_optim.zero_grad(set_to_none=True)
@@ -289,9 +319,8 @@ class UGATIT:
         logs['G/total'] = total.detach()
         with self.early_updates.during_backward():   # the big MLP layers step as soon as their gradient is whole
             self.scaler.scale(total).backward()
-        if self.frozen_on_other_groups and not self._is_base_group_step(step):
-            for p in self.frozen_on_other_groups:
-                p.grad = None   # Adam skips params without grad: no moment or weight-decay update
+        for p in self._frozen_this_step:
+            p.grad = None   # Adam skips params without grad: no moment or weight-decay update
         self.scaler.step(self.G_optim)
         self.G_optim.zero_grad(set_to_none=True)   # not kept through the next D step
 
@@ -321,18 +350,27 @@ class UGATIT:
         return data.round_robin_group(few_shot.groups, step) == few_shot.base_group
 
     @torch.no_grad()
-    def after_step(self, step: int, generator_updated: bool = True) -> None:
-        """ρ clipping and EMA (after a G update only), and ADA's strength update."""
-        if generator_updated:
-            self.rho_clipper.clip(self.rhos)
-        if self.ema is not None and generator_updated:
-            for name, ema in self.ema.items():
-                ema.update(self.G[name], step)
-        if self.ada is not None:
-            for controller in self.ada.values():
-                controller.step()
+    def _after_generator_update(self) -> None:
+        """ρ clipping and the EMA update (at the decay :meth:`_set_step_inputs` set)."""
+        self.rho_clipper.clip(self.rhos)
+        for name, ema in (self.ema or {}).items():
+            ema.update(self.G[name])
+
+    def _finish_step(self, step: int) -> None:
+        """Host work after the device step: ADA's strength update and the step count."""
+        for controller in (self.ada or {}).values():
+            controller.step()
         self.step = step
         self._undo.end()
+
+    def after_step(self, step: int, generator_updated: bool = True) -> None:
+        """What follows a hand-written step's optimizer updates (scripts/reference_step.py): ρ clipping and
+        EMA after a G update, ADA's strength update."""
+        for ema in (self.ema or {}).values():
+            ema.set_step(step)
+        if generator_updated:
+            self._after_generator_update()
+        self._finish_step(step)
 
     def _volatile_tensors(self) -> list[torch.Tensor]:
         """What a step changes in place before its first optimizer update: spectral norm's u, v
@@ -439,11 +477,11 @@ class UGATIT:
             return notes
         if 'G_optim' in state:
             low_memory.check_resume(state.get('config', {}), self.config.memory.optim_state)
-            self.G_optim.load_state_dict(low_memory.decode_optimizer_state(state['G_optim']))
+            low_memory.load_optimizer_state(self.G_optim, low_memory.decode_optimizer_state(state['G_optim']))
             if notes:   # a new group head changed D's parameter list: its moments cannot be matched
                 notes.append('discriminator optimizer moments start fresh (new group head)')
             else:
-                self.D_optim.load_state_dict(low_memory.decode_optimizer_state(state['D_optim']))
+                low_memory.load_optimizer_state(self.D_optim, low_memory.decode_optimizer_state(state['D_optim']))
             if state.get('scaler'):   # an --amp off/bf16 run stores an empty (disabled) scaler: fp16 starts fresh
                 self.scaler.load_state_dict(state['scaler'])
             utils.set_rng_state(state['rng'])
@@ -453,6 +491,8 @@ class UGATIT:
             for dom, ada in self.ada.items():
                 ada.load_state_dict(state['ada'][dom])
         self.step = int(state.get('step', 0))
+        if isinstance(self.run_device_step, step_capture.CapturedStep):
+            self.run_device_step.reset()   # the optimizers' state tensors were replaced: capture again
         return notes
 
 
@@ -462,14 +502,19 @@ class UGATIT:
 
 def build_adam(params, config: Config, device: torch.device) -> torch.optim.Optimizer:
     """PT's Adam (β = 0.5, 0.999), fused on CUDA; --arch tf regularises with an L2 loss term instead of
-    the coupled weight decay. --optim_state 8bit/4bit: torchao's Adam with low-bit moments (not exact)."""
+    the coupled weight decay. --optim_state 8bit/4bit: torchao's Adam with low-bit moments (not exact).
+    --cuda_graph: fused (on the CPU too, for the emulated graphs of the tests), capturable, the LR a tensor."""
     weights = config.losses
     weight_decay = 0.0 if weights.kernel_l2 else weights.weight_decay
     if config.memory.optim_state != 'fp32':
         return low_memory.low_bit_adam(params, config.memory.optim_state, config.schedule.lr, (0.5, 0.999),
                                        weight_decay)
+    lr: float | torch.Tensor = config.schedule.lr
     fast = {'fused': True} if device.type == 'cuda' else {'foreach': True}
-    return torch.optim.Adam(params, lr=config.schedule.lr, betas=(0.5, 0.999), weight_decay=weight_decay, **fast)
+    if config.performance.cuda_graph:   # the LR schedule writes a device scalar the captured step reads
+        lr = torch.tensor(lr, device=device)
+        fast = {'fused': True, 'capturable': device.type == 'cuda'}
+    return torch.optim.Adam(params, lr=lr, betas=(0.5, 0.999), weight_decay=weight_decay, **fast)
 
 
 def build_regularisers(networks: dict[str, nn.Module], weights: LossWeights) -> dict[str, list[L.KernelL2]]:
@@ -487,7 +532,9 @@ def build_ema(G: nn.ModuleDict, config: Config) -> dict[str, utils.EMA] | None:
         return {d.name: low_memory.BF16EMA(G[d.name], options.beta, start, options.rampup,
                                            seed=data.derive_seed(config.run.seed, 'ema', d.name))
                 for d in DIRECTIONS}
-    return {d.name: utils.EMA(G[d.name], options.beta, start, options.rampup) for d in DIRECTIONS}
+    decay_on_device = config.performance.cuda_graph   # the captured step reads the decay from a device scalar
+    return {d.name: utils.EMA(G[d.name], options.beta, start, options.rampup, decay_on_device=decay_on_device)
+            for d in DIRECTIONS}
 
 
 def build_ada(config: Config, device: torch.device, world_size: int, threshold: float

@@ -69,11 +69,16 @@ class EMA:
     (EN ran it with autograd on, growing a graph every step).
     """
 
-    def __init__(self, model: nn.Module, beta: float, start_step: int, rampup: float | None = None) -> None:
+    def __init__(self, model: nn.Module, beta: float, start_step: int, rampup: float | None = None, *,
+                 decay_on_device: bool = False) -> None:
         self.beta = beta
         self.start_step = start_step
         self.rampup = rampup
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.step = 0
+        # --cuda_graph: 1 - β_t in a device scalar, set on the host each step, read by the captured update
+        device = next(self.model.parameters()).device
+        self._weight = torch.zeros((), device=device) if decay_on_device else None
 
     def beta_at(self, step: int) -> float:
         """The decay used at ``step`` (0: a plain copy)."""
@@ -83,12 +88,24 @@ class EMA:
             return self.beta
         return min(self.beta, 0.5 ** (1.0 / (self.rampup * step)))
 
+    def set_step(self, step: int) -> None:
+        """The step whose decay the next :meth:`update` uses."""
+        self.step = step
+        if self._weight is not None:
+            self._weight.fill_(1.0 - self.beta_at(step))
+
     @torch.no_grad()
-    def update(self, model: nn.Module, step: int) -> None:
-        beta = self.beta_at(step)
+    def update(self, model: nn.Module, step: int | None = None) -> None:
+        """Average ``model`` in at the decay of ``step`` (default: the one :meth:`set_step` set)."""
+        if step is not None:
+            self.set_step(step)
+        beta = self.beta_at(self.step)
         ema_params = list(self.model.parameters())
         params = [p.detach() for p in model.parameters()]
-        if beta == 0.0:
+        if self._weight is not None:   # one kernel per tensor (no foreach lerp takes a tensor weight); at
+            for ema, p in zip(ema_params, params):   # weight 1 (β = 0) lerp gives the copy exactly
+                ema.lerp_(p, self._weight)
+        elif beta == 0.0:
             torch._foreach_copy_(ema_params, params)
         else:
             torch._foreach_lerp_(ema_params, params, 1.0 - beta)

@@ -289,3 +289,16 @@ def test_spectral_norm_conv_keeps_no_normalised_weight_after_its_backward():
     del out
     assert used[0]() is None
     assert conv(x).shape == (1, 4, 4, 4) and len(used) == 2
+
+
+@pytest.mark.parametrize('light', [True, False])
+def test_generators_draw_no_random_numbers(light):
+    """--recompute recomputes them without saving and restoring the RNG state (which a captured step,
+    --cuda_graph, may not do): that is exact only because a generator's forward and backward draw nothing."""
+    from model import ArchConfig, build_generator
+    torch.manual_seed(0)
+    g = build_generator(ArchConfig(img_size=32, ch=4, n_res=1, light=light)).train()
+    before = torch.get_rng_state()
+    out = g(torch.randn(1, 3, 32, 32))
+    (out.image.sum() + out.cam_logit.sum()).backward()
+    assert torch.equal(torch.get_rng_state(), before)
