@@ -525,7 +525,7 @@ def _validate_cuda_graph(cfg, fail) -> None:
     import torch
 
     import step_capture
-    if step_capture.backend_for(torch.device(cfg.device)) is None:
+    if torch.device(cfg.device).type not in step_capture.BACKENDS:
         fail(f'--cuda_graph needs a CUDA device (this run is on {cfg.device}); drop --cuda_graph')
     conflicts = {
         '--amp fp16': cfg.amp == 'fp16',   # the GradScaler decides on the host whether to step

@@ -144,9 +144,14 @@ def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr() and a.data_ptr() == b.data_ptr()
 
 
+# The graph backend of each device type (--cuda_graph is refused on the others). The tests add 'cpu':
+# EmulatedGraphs.
+BACKENDS: dict[str, Callable[[torch.device], GraphBackend]] = {'cuda': CudaGraphs}
+
+
 def backend_for(device: torch.device) -> GraphBackend | None:
-    """CUDA graphs on a CUDA device; none elsewhere (``--cuda_graph`` is refused there)."""
-    return CudaGraphs(device) if device.type == 'cuda' else None
+    make = BACKENDS.get(device.type)
+    return make(device) if make is not None else None
 
 
 class CapturedStep:

@@ -15,7 +15,7 @@ device straight to ``UGATIT.train_step``, so no data loading is timed. Definitio
 - **img/s**: ``2 × batch_size / (s/it)``: one iteration trains on ``batch_size`` images of each domain.
 - **ref s/it**: the same for ``scripts.reference_step.reference_train_step`` (the official code's step:
   generators run again for the G step, fakes not detached, fp32, no stacking) on a second trainer built
-  from the same flags with ``--amp off`` and no channels-last/compile, in the same process. The timed
+  from the same flags with ``--amp off`` and no channels-last/compile/CUDA graph, in the same process. The timed
   reference and fast iterations alternate one by one, so load changes on a shared machine hit both;
   both trainers are held at once (twice the memory of one).
 - **speed-up**: ``ref s/it ÷ fast s/it`` (above 1: the fast step is faster).
@@ -61,6 +61,7 @@ if str(ROOT) not in sys.path:
 
 import main as cli  # noqa: E402
 import memory  # noqa: E402
+import step_capture  # noqa: E402
 from scripts.measure import (  # noqa: E402
     MemoryMeter,
     count_flops,
@@ -106,11 +107,13 @@ def make_dataset(root: Path, n: int = 4, size: int = 32, seed: int = 0) -> Path:
 
 
 def trainer_flags(preset: list[str], extra: list[str], data: Path, result_dir: Path, device: str,
-                  amp: str, batch_size: int, channels_last: bool, compile_: bool) -> list[str]:
+                  amp: str, batch_size: int, channels_last: bool, compile_: bool,
+                  cuda_graph: bool = False) -> list[str]:
     """main.py flags for one benchmark row (a long schedule, so the LR and EMA stay in their first phase)."""
     return ['--dataset', str(data), '--result_dir', str(result_dir), '--device', device,
             *preset, *extra, '--amp', amp, '--batch_size', str(batch_size), '--num_workers', '0',
-            '--iteration', '1000000', '--channels_last', str(channels_last), '--compile', str(compile_)]
+            '--iteration', '1000000', '--channels_last', str(channels_last), '--compile', str(compile_),
+            *(['--cuda_graph', 'True'] if cuda_graph else [])]
 
 
 def random_batches(n: int, batch_size: int, size: int, device: torch.device) -> list[dict[str, torch.Tensor]]:
@@ -312,7 +315,8 @@ def run_benchmark(args: argparse.Namespace, data: Path, out_dir: Path) -> list[R
                 row = Row(name, str(device), amp, batch_size,
                           note='' if args.no_timing else skip_reason(device, amp))
                 if not row.note:
-                    fast_flags = trainer_flags(*common, amp, batch_size, args.channels_last, args.compile)
+                    fast_flags = trainer_flags(*common, amp, batch_size, args.channels_last, args.compile,
+                                               args.cuda_graph)
                     if not args.no_timing:
                         measure_row(row, fast_flags, ref_flags, args)
                     if args.estimate:
@@ -475,6 +479,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--no_flops', action='store_true', help='skip the FLOP count and the matmul rate')
     parser.add_argument('--channels_last', action='store_true', help='fast step with channels-last layout')
     parser.add_argument('--compile', action='store_true', help='fast step with torch.compile')
+    parser.add_argument('--cuda_graph', action='store_true',
+                        help=f'fast step captured as a CUDA graph (CUDA; --warmup > {step_capture.WARMUP}, so that '
+                        'the timed steps are replays; ops/it then counts what a replay dispatches)')
     parser.add_argument('--flags', default='', help='extra main.py flags for every config, e.g. "--n_res 2"')
     parser.add_argument('--estimate', action='store_true',
                         help='also estimate each row\'s peak GPU memory and its parts on the CPU (memory.py: fake '
@@ -493,6 +500,10 @@ def main(argv: list[str] | None = None) -> list[Row]:
     if args.iters < 1 or args.warmup < 1:
         raise SystemExit('error: --iters and --warmup must be >= 1 (memory is measured during the warm-up)')
     args.estimate = args.estimate or args.no_timing
+    if args.cuda_graph and args.warmup <= step_capture.WARMUP and not args.no_timing:
+        raise SystemExit(f'error: --cuda_graph needs --warmup {step_capture.WARMUP + 1} or more: the first '
+                         f'{step_capture.WARMUP} steps run eagerly and the next is captured, so that only replays '
+                         'are timed')
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)

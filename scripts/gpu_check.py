@@ -21,6 +21,9 @@ call, ``torchrun``) as a subprocess on a small generated dataset:
   its step: on the CPU only with ``UGATIT_SLOW_TESTS=1``).
 - ``memory-full256`` (CUDA): the full model's peak memory at batch 1, defaults and ``--recompute True``,
   measured (``scripts/benchmark.py --estimate``) next to ``memory.estimate``'s figure.
+- ``cuda-graph`` (CUDA): ``--cuda_graph True`` against an eager run, and killed, resumed and tested;
+  ``cuda-graph-full256`` (CUDA, alone): the captured full-model step at batch 1 timed against the reference
+  and the eager step (``scripts/benchmark.py --cuda_graph``).
 - ``recompute`` (``--recompute True``) and ``ada``, each killed and resumed as above, ``channels_last``,
   ``compile`` (on the CPU only with ``UGATIT_SLOW_TESTS=1``: minutes of compilation), ``faceseg`` and
   ``facenet`` (random weights written to a file, as a user's downloaded ones), ``ddp`` and
@@ -547,6 +550,57 @@ def memory_row(ctx: Context, row: RowRun) -> tuple[float | None, str]:
     return s_per_it, '; '.join(notes)
 
 
+def cuda_graph_row(ctx: Context, row: RowRun) -> tuple[float | None, str]:
+    """--cuda_graph (12 steps, a checkpoint every 4): the captured run against an eager one with the same
+    seed, and killed after step 4 and resumed (warm-up 5-7, capture at 8, replays 9-12), then tested."""
+    if not ctx.cuda:
+        raise Skip('CUDA graphs need CUDA (the CPU tests replay an emulated graph: tests/test_cuda_graph.py)')
+    schedule = ('--iteration', '12', '--save_freq', '4', '--print_freq', '12')
+    eager, graph, broken = row.dir / 'eager', row.dir / 'graph', row.dir / 'broken'
+    row.run('eager', ctx.main_cmd(eager, *schedule))
+    row.run('graph', ctx.main_cmd(graph, *schedule, '--cuda_graph', 'True'))
+    note = row.run_and_kill('killed', ctx.main_cmd(broken, *schedule, '--cuda_graph', 'True'),
+                            checkpoint(broken, ctx.data, 4))
+    if note:
+        checkpoint(broken, ctx.data, 12).unlink()
+    row.run('resume', ctx.main_cmd(broken, *schedule, '--cuda_graph', 'True', '--resume', 'True'))
+    row.run('test', ctx.test_cmd(broken))
+    check_test_outputs(broken, ctx.data)
+    notes = []
+    for label, other in (('captured vs eager', graph), ('resumed vs unbroken', broken)):
+        reference = eager if other is graph else graph
+        biggest, relative = resume_difference(checkpoint(reference, ctx.data, 12), checkpoint(other, ctx.data, 12),
+                                              checkpoint(reference, ctx.data, 4))
+        if not np.isfinite(biggest) or relative >= 0.5:
+            raise Failure(f'{label}: mean |Δ| is {relative:.2f} of the weights\' movement since step 4 '
+                          f'(max |Δ| {biggest:.3g})')
+        notes.append(f'{label}: max |Δ| {biggest:.2g}, mean |Δ| {relative:.2g} of the movement since step 4')
+    run_logs = lambda out: RunFiles(out, ctx.data.name).run_dir / LOGS_DIR  # noqa: E731
+    eager_s, graph_s = seconds_per_step(run_logs(eager)), seconds_per_step(run_logs(graph))
+    notes.append(f'{fmt(graph_s, ".4f")} s/it captured, {fmt(eager_s, ".4f")} eager (64 px light, whole loop)')
+    return graph_s, '; '.join(filter(None, [*notes, note]))
+
+
+def cuda_graph_speed_row(ctx: Context, row: RowRun) -> tuple[float | None, str]:
+    """The full model, 256 px, batch 1, fp32: the captured step timed against the reference step in one
+    process, and the eager step in another (scripts/benchmark.py)."""
+    if not ctx.cuda:
+        raise Skip('CUDA graphs need CUDA')
+    results = {}
+    for mode, flags in (('captured', ['--cuda_graph']), ('eager', ['--no_reference'])):
+        out = row.dir / f'{mode}.json'
+        row.run(mode, [sys.executable, 'scripts/benchmark.py', '--device', ctx.device, '--configs', 'full256',
+                       '--iters', '10', '--warmup', '5', '--no_flops', *flags, '--json', str(out)])
+        results[mode] = json.loads(out.read_text())['rows'][0]
+    captured, eager = results['captured'], results['eager']
+    s_per_it = captured['fast']['s_per_it']
+    reference = captured['reference']['s_per_it'] if captured.get('reference') else None
+    return s_per_it, (f'captured {s_per_it:.4f} s/it ({fmt(reference and reference / s_per_it, ".2f")}x the reference '
+                      f'step, {eager["fast"]["s_per_it"] / s_per_it:.2f}x the eager step at '
+                      f'{eager["fast"]["s_per_it"]:.4f}); peak {captured["fast"]["gpu_peak_bytes"] / 2 ** 30:.2f} GiB '
+                      f'captured, {eager["fast"]["gpu_peak_bytes"] / 2 ** 30:.2f} eager')
+
+
 def face_steps(ctx: Context) -> list[str]:
     """The face networks run at 512 (BiSeNet) and 160 px (FaceNet) whatever the model's size: on the CPU
     three steps, the fewest that give an s/it."""
@@ -665,8 +719,9 @@ def build_rows(ctx: Context) -> list[Row]:
     else:
         rows.append(Row('benchmark-tiny', benchmark_row('tiny'), 180))
     if cuda:
-        rows.append(Row('memory-full256', memory_row, 240, alone=True))
-    rows += [Row('recompute', recompute_row, 180), Row('ada', ada, 180),
+        rows += [Row('memory-full256', memory_row, 240, alone=True),
+                 Row('cuda-graph-full256', cuda_graph_speed_row, 300, alone=True)]
+    rows += [Row('recompute', recompute_row, 180), Row('cuda-graph', cuda_graph_row, 240), Row('ada', ada, 180),
              Row('channels_last', channels_last, 120), Row('faceseg', faceseg, 150), Row('facenet', facenet, 150),
              Row('ddp', ddp_row(resume=cuda or ctx.full, test=True), 180),
              Row('ddp-cam_D_off', ddp_row('--cam_D_weight', '-1', '--cam_D_attention', 'False', resume=False,

@@ -40,7 +40,7 @@ def _steps(case: str) -> int:
 @pytest.fixture
 def emulated_graphs(monkeypatch):
     """--cuda_graph on the CPU, with graphs emulated (what validation and the trainer ask for)."""
-    monkeypatch.setattr(step_capture, 'backend_for', lambda device: step_capture.EmulatedGraphs())
+    monkeypatch.setitem(step_capture.BACKENDS, 'cpu', lambda device: step_capture.EmulatedGraphs())
 
 
 def _run_steps(trainer, batches) -> list[dict]:
@@ -150,7 +150,7 @@ def test_stopped_graph_run_resumes_exactly(tiny_dataset, tmp_path, emulated_grap
     stopped = tmp_path / 'stopped'
     assert main.main(tiny_flags(tiny_dataset, stopped, *flags)) == 128 + signal.SIGTERM
     monkeypatch.undo()
-    monkeypatch.setattr(step_capture, 'backend_for', lambda device: step_capture.EmulatedGraphs())
+    monkeypatch.setitem(step_capture.BACKENDS, 'cpu', lambda device: step_capture.EmulatedGraphs())
     assert main.main(tiny_flags(tiny_dataset, stopped, *flags, '--resume', 'True')) == 0
     assert_bitwise(_state_of(_weights(straight, 8)), _state_of(_weights(stopped, 8)))
 
