@@ -74,3 +74,10 @@ class Stopped(Exception):
     def __init__(self, message: str, exit_code: int) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+
+# -- bugs found by checks ---------------------------------------------------------------------------------
+
+class CaptureError(RuntimeError):
+    """The training step does something a captured step (--cuda_graph) cannot: a bug in the step, not in
+    the user's input (step_capture.EmulatedGraphs raises it in the tests)."""

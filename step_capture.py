@@ -32,7 +32,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from errors import UserError
+from errors import CaptureError, UserError
 
 # Eager steps of each kind before its capture: Adam creates its state on its first step, cuDNN picks its
 # algorithms on the first calls, and PyTorch's recipe warms up on a side stream for a few iterations.
@@ -48,10 +48,6 @@ HOST_READS = frozenset({
     'aten::_local_scalar_dense', 'aten::is_nonzero', 'aten::equal', 'aten::nonzero', 'aten::masked_select',
     'aten::_unique2', 'aten::unique_dim', 'aten::unique_consecutive', 'aten::lift_fresh',
 })
-
-
-class CaptureError(RuntimeError):
-    """The step does something a captured step cannot (a bug in the step, not the user's input)."""
 
 
 class GraphBackend(Protocol):

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -37,7 +38,7 @@ import memory
 import step_capture
 import utils
 from checkpoints import PT_KEYS, TRAINING_FORMAT, load_module, state_nbytes
-from config import Config, LossWeights
+from config import Config, FewShot, LossWeights
 from distributed import DistributedContext, untrainable_parameters, wrap_for_speed
 from errors import UserError
 from faceseg.masking import NO_MASKS, FaceMasks, build_face_masking
@@ -119,14 +120,7 @@ class UGATIT:
         self.G_run, self.D_run, self.D_local = wrap_for_speed(
             generators, self.D, self.dist, perf.compile, mode=perf.compile_mode,
             untrained=untrainable_parameters(self.D, self.weights.cam_D_weight, self.regularisers['D']))
-        self.run_device_step = self._eager_step if not perf.cuda_graph else self._captured_step()
-
-    def _captured_step(self) -> step_capture.CapturedStep:
-        """--cuda_graph: the device step behind static inputs, captured once per kind of step."""
-        backend = step_capture.backend_for(self.device)
-        if backend is None or self.dist.enabled:
-            raise UserError('--cuda_graph needs one CUDA device per process and no torchrun (DDP)')
-        return step_capture.CapturedStep(backend, self._device_step, self._prepare)
+        self.run_device_step = build_step_runner(perf.cuda_graph, self.dist, self._device_step, self._prepare)
 
     # -- schedule ----------------------------------------------------------------------------------
 
@@ -203,7 +197,7 @@ class UGATIT:
     def train_step(self, batch: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
         """One full iteration; returns detached loss tensors (no host sync). Until its first
         optimizer update the step can be undone (:meth:`restore_last_completed_step`)."""
-        self._undo.begin(self._volatile_tensors())
+        self._undo.begin(volatile_tensors([self.G, self.D], self.ada))
         generator_step = self.schedule.is_generator_step(step)
         self._set_step_inputs(step)
         logs = self.run_device_step(batch, generator_step)
@@ -219,11 +213,8 @@ class UGATIT:
             rng.manual_seed(data.derive_seed(self.config.run.seed, name, self.dist.rank, step))
         for ema in (self.ema or {}).values():
             ema.set_step(step)
-        base_group = not self.frozen_on_other_groups or self._is_base_group_step(step)
+        base_group = not self.frozen_on_other_groups or is_base_group_step(self.config.few_shot, step)
         self._frozen_this_step = [] if base_group else self.frozen_on_other_groups
-
-    def _eager_step(self, batch: dict[str, torch.Tensor], generator_step: bool) -> dict[str, torch.Tensor]:
-        return self._device_step(self._prepare(batch), generator_step)
 
     def _device_step(self, batch: dict[str, torch.Tensor], generator_step: bool) -> dict[str, torch.Tensor]:
         """The step's device work on a batch already on the device: only tensors are read, no Python state
@@ -283,7 +274,7 @@ class UGATIT:
             if self.ada is not None:
                 self.ada[tgt].observe(real[0].logit.detach())
             total = total + loss
-        total = total + self._regularisation('D', logs)
+        total = total + regularisation(self.regularisers['D'], 'D', logs)
         logs['D/total'] = total.detach()
         self.scaler.scale(total).backward()
         self._undo.commit()   # the critics' update cannot be undone
@@ -315,7 +306,7 @@ class UGATIT:
             for name, value in terms.items():
                 logs[f'G/{name}_{d.name}'] = value.detach()
             total = total + sum(terms.values())
-        total = total + self._regularisation('G', logs)
+        total = total + regularisation(self.regularisers['G'], 'G', logs)
         logs['G/total'] = total.detach()
         with self.early_updates.during_backward():   # the big MLP layers step as soon as their gradient is whole
             self.scaler.scale(total).backward()
@@ -333,21 +324,6 @@ class UGATIT:
         scale = self.scaler.scale(torch.ones((), device=real.device))
         with self.autocast():
             return self.gan_loss.gradient_penalty(critics, real, fake, self.step_rngs['penalty'], scale)
-
-    def _regularisation(self, network: str, logs: dict) -> torch.Tensor | float:
-        """The active L2 loss terms of 'G' or 'D' (TF's, under --arch tf), logged as '<network>/l2'."""
-        total = 0.0
-        for term in self.regularisers[network]:
-            value = term()
-            logs[f'{network}/{term.name}'] = value.detach()
-            total = total + value
-        return total
-
-    def _is_base_group_step(self, step: int) -> bool:
-        # Selective backprop needs whole-batch groups; validation enforces round-robin sampling, whose
-        # group is a function of the step (read from the batch, it would cost a host sync per step).
-        few_shot = self.config.few_shot
-        return data.round_robin_group(few_shot.groups, step) == few_shot.base_group
 
     @torch.no_grad()
     def _after_generator_update(self) -> None:
@@ -371,12 +347,6 @@ class UGATIT:
         if generator_updated:
             self._after_generator_update()
         self._finish_step(step)
-
-    def _volatile_tensors(self) -> list[torch.Tensor]:
-        """What a step changes in place before its first optimizer update: spectral norm's u, v
-        (the D step's power iteration) and ADA's running r_t sums."""
-        return [*self.G.buffers(), *self.D.buffers(), *(t for ada in (self.ada or {}).values()
-                                                        for t in ada.running_tensors())]
 
     def restore_last_completed_step(self) -> bool:
         """After an error inside a step: put back what it changed, so the state (RNG included) is
@@ -545,6 +515,41 @@ def build_ada(config: Config, device: torch.device, world_size: int, threshold: 
         return None
     everyone = dataclasses.replace(options, batch_size=options.batch_size * world_size)
     return augment.build_controllers(everyone, device, threshold=threshold)
+
+
+def build_step_runner(cuda_graph: bool, dist: DistributedContext, device_step: step_capture.DeviceStep,
+                      prepare: Callable[[dict], dict]) -> Callable[[dict, bool], dict[str, torch.Tensor]]:
+    """How a loader batch reaches the device step: prepared and run eagerly, or (--cuda_graph) copied into
+    static inputs of a step captured once per kind of step (step_capture.py)."""
+    if not cuda_graph:
+        return lambda batch, generator_step: device_step(prepare(batch), generator_step)
+    backend = step_capture.backend_for(dist.device)
+    if backend is None or dist.enabled:
+        raise UserError('--cuda_graph needs one CUDA device per process and no torchrun (DDP)')
+    return step_capture.CapturedStep(backend, device_step, prepare)
+
+
+def volatile_tensors(networks: list[nn.Module], ada: dict[str, augment.AdaController] | None) -> list[torch.Tensor]:
+    """What a step changes in place before its first optimizer update: spectral norm's u, v (the D step's
+    power iteration) and ADA's running r_t sums."""
+    return [*(b for net in networks for b in net.buffers()),
+            *(t for controller in (ada or {}).values() for t in controller.running_tensors())]
+
+
+def regularisation(terms: list[L.KernelL2], network: str, logs: dict) -> torch.Tensor | float:
+    """The active L2 loss terms of 'G' or 'D' (TF's, under --arch tf), logged as '<network>/l2'."""
+    total = 0.0
+    for term in terms:
+        value = term()
+        logs[f'{network}/{term.name}'] = value.detach()
+        total = total + value
+    return total
+
+
+def is_base_group_step(few_shot: FewShot, step: int) -> bool:
+    """Selective backprop needs whole-batch groups; validation enforces round-robin sampling, whose group is
+    a function of the step (read from the batch, it would cost a host sync per step)."""
+    return data.round_robin_group(few_shot.groups, step) == few_shot.base_group
 
 
 def selective_backprop_params(G: nn.ModuleDict) -> list[nn.Parameter]:
