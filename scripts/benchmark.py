@@ -500,6 +500,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
     if args.iters < 1 or args.warmup < 1:
         raise SystemExit('error: --iters and --warmup must be >= 1 (memory is measured during the warm-up)')
     args.estimate = args.estimate or args.no_timing
+    if args.cuda_graph and not args.no_timing and not args.device.startswith('cuda'):
+        raise SystemExit('error: --cuda_graph needs --device cuda (or --no_timing, to estimate its memory)')
     if args.cuda_graph and args.warmup <= step_capture.WARMUP and not args.no_timing:
         raise SystemExit(f'error: --cuda_graph needs --warmup {step_capture.WARMUP + 1} or more: the first '
                          f'{step_capture.WARMUP} steps run eagerly and the next is captured, so that only replays '
