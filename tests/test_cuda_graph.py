@@ -188,3 +188,12 @@ def test_cuda_graph_names_the_flags_it_cannot_capture(tiny_dataset, tmp_path, em
     assert main.main(flags) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert '--ada True' in err and '--gan_type wgan-gp' in err and 'Traceback' not in err
+
+
+@pytest.mark.parametrize('flags, says', [(['--device', 'cpu'], 'needs --device cuda'),
+                                          (['--device', 'cuda', '--warmup', '3'], 'needs --warmup 4')])
+def test_benchmark_cuda_graph_flag_errors(flags, says):
+    """scripts/benchmark.py --cuda_graph times replays only: on CUDA, after the warm-up and the capture."""
+    from scripts import benchmark
+    with pytest.raises(SystemExit, match=says):
+        benchmark.main(['--cuda_graph', '--configs', 'tiny', *flags])
