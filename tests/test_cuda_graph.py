@@ -197,3 +197,19 @@ def test_benchmark_cuda_graph_flag_errors(flags, says):
     from scripts import benchmark
     with pytest.raises(SystemExit, match=says):
         benchmark.main(['--cuda_graph', '--configs', 'tiny', *flags])
+
+
+def test_a_checkpoint_does_not_bring_its_runs_adam_kernel(tiny_dataset, tmp_path):
+    """A checkpoint written on CUDA (fused Adam) resumed on the CPU keeps the CPU's foreach kernel, and one
+    written on the CPU resumed on CUDA kept foreach before instead of fused; the step counts follow the kernel."""
+    trainer = tiny_trainer(tiny_dataset, tmp_path)
+    trainer.train_step(random_batches(1)[0], 1)
+    state = trainer.state_dict()
+    for group in state['G_optim']['param_groups']:   # as a CUDA run saves them
+        group.update(foreach=None, fused=True)
+    resumed = tiny_trainer(tiny_dataset, tmp_path)
+    resumed.load_state_dict(state)
+    group = resumed.G_optim.param_groups[0]
+    assert (group['foreach'], group['fused'], group['capturable']) == (True, None, False)
+    assert isinstance(group['lr'], float)
+    resumed.train_step(random_batches(1)[0], 2)   # foreach Adam with the state it was handed
