@@ -108,7 +108,9 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state_dict: dict) -> 
         lr = before.pop('lr')
         if isinstance(lr, torch.Tensor):
             lr.fill_(group['lr'])
-        group.update(before, lr=lr if isinstance(lr, torch.Tensor) else float(group['lr']))
+        else:
+            lr = float(group['lr'])
+        group.update(before, lr=lr)
         if 'fused' in group:   # torch's Adam: fused and capturable steps count on the device, others on the host
             _place_step_counts(optimizer, group)
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Protocol
 
@@ -165,7 +166,7 @@ class CapturedStep:
         self.prepare = prepare
         self.inputs: dict[str, torch.Tensor] | None = None
         self.graphs: dict[bool, tuple[Callable[[], None], Logs]] = {}
-        self.eager_steps: dict[bool, int] = {}
+        self.eager_steps: Counter[bool] = Counter()
 
     def __call__(self, batch: dict[str, torch.Tensor], generator_step: bool) -> Logs:
         self._load(batch)
@@ -173,8 +174,8 @@ class CapturedStep:
             replay, logs = self.graphs[generator_step]
             replay()
             return logs
-        if self.eager_steps.get(generator_step, 0) < WARMUP:
-            self.eager_steps[generator_step] = self.eager_steps.get(generator_step, 0) + 1
+        if self.eager_steps[generator_step] < WARMUP:
+            self.eager_steps[generator_step] += 1
             with self.backend.warmup():
                 return self.step(self.inputs, generator_step)
         replay, logs = self.backend.capture(lambda: self.step(self.inputs, generator_step))

@@ -389,9 +389,13 @@ def check_test_outputs(result_dir: Path, data: Path) -> None:
         raise Failure(f'--phase test wrote {len(written)} A2B images, expected {expected}')
 
 
-def resume_cycle(ctx: Context, row: RowRun, *flags: str) -> tuple[float | None, str]:
-    """Unbroken run; run killed after its first checkpoint; resume; test; compare final weights."""
-    steps, every = ctx.schedule()
+def resume_cycle(ctx: Context, row: RowRun, *flags: str,
+                 schedule: tuple[int, int] | None = None) -> tuple[float | None, str]:
+    """Unbroken run; run killed after its first checkpoint; resume; test; compare final weights.
+    ``schedule``: (steps, checkpoint interval) other than the context's."""
+    steps, every = schedule or ctx.schedule()
+    if schedule:
+        flags = (*flags, '--iteration', str(steps), '--save_freq', str(every), '--print_freq', str(steps))
     unbroken, broken = row.dir / 'unbroken', row.dir / 'broken'
     row.run('unbroken', ctx.main_cmd(unbroken, *flags))
     note = row.run_and_kill('killed', ctx.main_cmd(broken, *flags), checkpoint(broken, ctx.data, every))
@@ -551,34 +555,22 @@ def memory_row(ctx: Context, row: RowRun) -> tuple[float | None, str]:
 
 
 def cuda_graph_row(ctx: Context, row: RowRun) -> tuple[float | None, str]:
-    """--cuda_graph (12 steps, a checkpoint every 4): the captured run against an eager one with the same
-    seed, and killed after step 4 and resumed (warm-up 5-7, capture at 8, replays 9-12), then tested."""
+    """--cuda_graph (12 steps, a checkpoint every 4) killed after step 4 and resumed (warm-up 5-7, capture at
+    8, replays 9-12), then tested; its unbroken run against an eager one with the same seed."""
     if not ctx.cuda:
         raise Skip('CUDA graphs need CUDA (the CPU tests replay an emulated graph: tests/test_cuda_graph.py)')
-    schedule = ('--iteration', '12', '--save_freq', '4', '--print_freq', '12')
-    eager, graph, broken = row.dir / 'eager', row.dir / 'graph', row.dir / 'broken'
-    row.run('eager', ctx.main_cmd(eager, *schedule))
-    row.run('graph', ctx.main_cmd(graph, *schedule, '--cuda_graph', 'True'))
-    note = row.run_and_kill('killed', ctx.main_cmd(broken, *schedule, '--cuda_graph', 'True'),
-                            checkpoint(broken, ctx.data, 4))
-    if note:
-        checkpoint(broken, ctx.data, 12).unlink()
-    row.run('resume', ctx.main_cmd(broken, *schedule, '--cuda_graph', 'True', '--resume', 'True'))
-    row.run('test', ctx.test_cmd(broken))
-    check_test_outputs(broken, ctx.data)
-    notes = []
-    for label, other in (('captured vs eager', graph), ('resumed vs unbroken', broken)):
-        reference = eager if other is graph else graph
-        biggest, relative = resume_difference(checkpoint(reference, ctx.data, 12), checkpoint(other, ctx.data, 12),
-                                              checkpoint(reference, ctx.data, 4))
-        if not np.isfinite(biggest) or relative >= 0.5:
-            raise Failure(f'{label}: mean |Δ| is {relative:.2f} of the weights\' movement since step 4 '
-                          f'(max |Δ| {biggest:.3g})')
-        notes.append(f'{label}: max |Δ| {biggest:.2g}, mean |Δ| {relative:.2g} of the movement since step 4')
-    run_logs = lambda out: RunFiles(out, ctx.data.name).run_dir / LOGS_DIR  # noqa: E731
-    eager_s, graph_s = seconds_per_step(run_logs(eager)), seconds_per_step(run_logs(graph))
-    notes.append(f'{fmt(graph_s, ".4f")} s/it captured, {fmt(eager_s, ".4f")} eager (64 px light, whole loop)')
-    return graph_s, '; '.join(filter(None, [*notes, note]))
+    eager = row.dir / 'eager'
+    row.run('eager', ctx.main_cmd(eager, '--iteration', '12', '--save_freq', '4', '--print_freq', '12'))
+    graph_s, resumed = resume_cycle(ctx, row, '--cuda_graph', 'True', schedule=(12, 4))
+    captured = checkpoint(row.dir / 'unbroken', ctx.data, 12)
+    biggest, relative = resume_difference(checkpoint(eager, ctx.data, 12), captured, checkpoint(eager, ctx.data, 4))
+    if not np.isfinite(biggest) or relative >= 0.5:
+        raise Failure(f'captured vs eager: mean |Δ| is {relative:.2f} of the weights\' movement since step 4 '
+                      f'(max |Δ| {biggest:.3g})')
+    eager_s = seconds_per_step(RunFiles(eager, ctx.data.name).run_dir / LOGS_DIR)
+    return graph_s, (f'captured vs eager: max |Δ| {biggest:.2g}, mean |Δ| {relative:.2g} of the movement since step '
+                     f'4; {resumed}; {fmt(graph_s, ".4f")} s/it captured, {fmt(eager_s, ".4f")} eager (64 px light, '
+                     'whole loop)')
 
 
 def cuda_graph_speed_row(ctx: Context, row: RowRun) -> tuple[float | None, str]:
